@@ -7,11 +7,21 @@ exported state has them before the first step.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
-from ._grad import effective_grad
 from .base import Algorithm, Hyperparameters, TensorState, register
 from .hyperparams import NON_NEGATIVE, Flag, Hyperparameter
-from .kernels import F32, addcdiv_, blocks, fma, increment_step, temp
+from .kernels import F32, KERNEL, addcdiv, fma, grad_term, increment_step, launch
+
+
+@njit(**KERNEL)
+def _kernel(p, g, acc, maximize, l2, wd, eps, neg_clr):
+    for i in range(p.shape[0]):
+        d = grad_term(g[i], p[i], maximize, l2, wd)
+        s = fma(d, d, acc[i])  # addcmul_(grad, grad, value=1)
+        acc[i] = s
+        std = F32(np.sqrt(s)) + eps  # eps outside the root, unlike optax/Keras
+        p[i] = addcdiv(p[i], d, std, neg_clr)
 
 
 def init(param: np.ndarray, hp: Hyperparameters) -> TensorState:
@@ -27,16 +37,16 @@ def update(
     step = increment_step(state["step"])
     state["step"] = step
     clr = lr / (1 + (float(step) - 1) * hp["lr_decay"])
-    p_flat, g_flat, sum_flat = param.reshape(-1), grad.reshape(-1), state["sum"].reshape(-1)
-    for block in blocks(p_flat.shape[0]):
-        p = p_flat[block]
-        g = effective_grad(p, g_flat[block], hp["maximize"], hp["weight_decay"])
-        acc = sum_flat[block]
-        fma(g, g, acc, out=acc)  # addcmul_(grad, grad, value=1)
-        std = temp(p.shape[0], 1)
-        np.sqrt(acc, out=std)
-        std += F32(hp["eps"])
-        addcdiv_(p, g, std, -clr)
+    wd = hp["weight_decay"]
+    launch(
+        _kernel,
+        (param.reshape(-1), grad.reshape(-1), state["sum"].reshape(-1)),
+        hp["maximize"],
+        wd != 0,
+        F32(wd),
+        F32(hp["eps"]),
+        F32(-clr),
+    )
 
 
 ADAGRAD = register(

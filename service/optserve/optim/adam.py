@@ -3,11 +3,56 @@
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
-from ._grad import effective_grad
 from .base import Algorithm, Hyperparameters, TensorState, register, zeros_like
 from .hyperparams import NON_NEGATIVE, UNIT_INTERVAL, Flag, Hyperparameter, Pair
-from .kernels import F32, addcdiv_, addcmul_, blocks, increment_step, lerp_, temp
+from .kernels import (
+    F32,
+    KERNEL,
+    addcdiv,
+    addcmul,
+    flat,
+    grad_term,
+    increment_step,
+    launch,
+    lerp,
+    maximum,
+)
+
+
+@njit(**KERNEL)
+def _kernel(
+    p,
+    g,
+    m,
+    v,
+    vmax,
+    maximize,
+    l2,
+    wd,
+    decoupled,
+    decay,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    amsgrad,
+    bias_correction2_sqrt,
+    eps,
+    neg_step_size,
+):
+    for i in range(p.shape[0]):
+        param = F32(p[i] * decay) if decoupled else p[i]
+        d = grad_term(g[i], param, maximize, l2, wd)
+        mi = lerp(m[i], d, one_minus_beta1)
+        m[i] = mi
+        vi = addcmul(F32(v[i] * beta2), d, d, one_minus_beta2)
+        v[i] = vi
+        if amsgrad:
+            vi = maximum(vmax[i], vi)  # the max of the raw v, bias-corrected afterwards
+            vmax[i] = vi
+        denom = F32(F32(np.sqrt(vi)) / bias_correction2_sqrt) + eps
+        p[i] = addcdiv(param, mi, denom, neg_step_size)
 
 
 def init(param: np.ndarray, hp: Hyperparameters) -> TensorState:
@@ -31,34 +76,35 @@ def step_adam(
 ) -> None:
     """One Adam step of one tensor; `decoupled` selects AdamW's multiplicative decay."""
     beta1, beta2 = hp["betas"]
-    weight_decay = hp["weight_decay"]
+    wd = hp["weight_decay"]
     step = increment_step(state["step"])
     state["step"] = step
     t = float(step)
     # Scalars in float64 as torch computes them; each becomes float32 only at its kernel.
     step_size = lr / (1 - beta1**t)
     bias_correction2_sqrt = (1 - beta2**t) ** 0.5
-    p_flat, g_flat = param.reshape(-1), grad.reshape(-1)
-    m_flat, v_flat = state["exp_avg"].reshape(-1), state["exp_avg_sq"].reshape(-1)
-    vmax_flat = state["max_exp_avg_sq"].reshape(-1) if hp["amsgrad"] else None
-    for block in blocks(p_flat.shape[0]):
-        p = p_flat[block]
-        if decoupled and weight_decay != 0:
-            p *= F32(1 - lr * weight_decay)
-        g = effective_grad(p, g_flat[block], hp["maximize"], 0.0 if decoupled else weight_decay)
-        m, v = m_flat[block], v_flat[block]
-        lerp_(m, g, 1 - beta1)
-        v *= F32(beta2)
-        addcmul_(v, g, g, 1 - beta2)
-        if vmax_flat is not None:
-            vmax = vmax_flat[block]
-            np.maximum(vmax, v, out=vmax)
-            v = vmax
-        denom = temp(p.shape[0], 1)
-        np.sqrt(v, out=denom)
-        denom /= F32(bias_correction2_sqrt)
-        denom += F32(hp["eps"])
-        addcdiv_(p, m, denom, -step_size)
+    launch(
+        _kernel,
+        (
+            param.reshape(-1),
+            grad.reshape(-1),
+            flat(state["exp_avg"]),
+            flat(state["exp_avg_sq"]),
+            flat(state.get("max_exp_avg_sq")),
+        ),
+        hp["maximize"],
+        wd != 0 and not decoupled,
+        F32(wd),
+        wd != 0 and decoupled,
+        F32(1 - lr * wd),
+        F32(1 - beta1),
+        F32(beta2),
+        F32(1 - beta2),
+        hp["amsgrad"],
+        F32(bias_correction2_sqrt),
+        F32(hp["eps"]),
+        F32(-step_size),
+    )
 
 
 def update(

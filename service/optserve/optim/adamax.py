@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
-from ._grad import effective_grad
 from .base import Algorithm, Hyperparameters, TensorState, register, zeros_like
 from .hyperparams import NON_NEGATIVE, UNIT_INTERVAL, Flag, Hyperparameter, Pair
-from .kernels import F32, addcdiv_, blocks, increment_step, lerp_, temp
+from .kernels import F32, KERNEL, addcdiv, grad_term, increment_step, launch, lerp, maximum
+
+
+@njit(**KERNEL)
+def _kernel(p, g, m, u, maximize, l2, wd, one_minus_beta1, beta2, eps, neg_clr):
+    for i in range(p.shape[0]):
+        d = grad_term(g[i], p[i], maximize, l2, wd)
+        mi = lerp(m[i], d, one_minus_beta1)
+        m[i] = mi
+        ui = maximum(F32(u[i] * beta2), F32(abs(d) + eps))
+        u[i] = ui
+        p[i] = addcdiv(p[i], mi, ui, neg_clr)
 
 
 def init(param: np.ndarray, hp: Hyperparameters) -> TensorState:
@@ -21,19 +32,23 @@ def update(
     step = increment_step(state["step"])
     state["step"] = step
     clr = lr / (1 - beta1 ** float(step))
-    p_flat, g_flat = param.reshape(-1), grad.reshape(-1)
-    m_flat, u_flat = state["exp_avg"].reshape(-1), state["exp_inf"].reshape(-1)
-    for block in blocks(p_flat.shape[0]):
-        p = p_flat[block]
-        g = effective_grad(p, g_flat[block], hp["maximize"], hp["weight_decay"])
-        m, u = m_flat[block], u_flat[block]
-        lerp_(m, g, 1 - beta1)
-        u *= F32(beta2)
-        bound = temp(p.shape[0], 1)
-        np.abs(g, out=bound)
-        bound += F32(hp["eps"])
-        np.maximum(u, bound, out=u)
-        addcdiv_(p, m, u, -clr)
+    wd = hp["weight_decay"]
+    launch(
+        _kernel,
+        (
+            param.reshape(-1),
+            grad.reshape(-1),
+            state["exp_avg"].reshape(-1),
+            state["exp_inf"].reshape(-1),
+        ),
+        hp["maximize"],
+        wd != 0,
+        F32(wd),
+        F32(1 - beta1),
+        F32(beta2),
+        F32(hp["eps"]),
+        F32(-clr),
+    )
 
 
 ADAMAX = register(

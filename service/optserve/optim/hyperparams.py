@@ -1,4 +1,4 @@
-"""Declarative hyperparameter specs: torch's names, defaults and valid ranges, checked in one place."""
+"""Declarative hyperparameter specs: torch's names, defaults and ranges, checked in one place."""
 
 from __future__ import annotations
 
@@ -70,7 +70,10 @@ class Pair:
     def coerce(self, field: str, value: Any) -> tuple[float, float]:
         if not isinstance(value, list | tuple) or len(value) != 2:
             raise HyperparameterError(field, value, self.describe())
-        return (self.item.coerce(f"{field}[0]", value[0]), self.item.coerce(f"{field}[1]", value[1]))
+        return (
+            self.item.coerce(f"{field}[0]", value[0]),
+            self.item.coerce(f"{field}[1]", value[1]),
+        )
 
 
 Kind = Real | Flag | Pair
@@ -95,12 +98,14 @@ def validate(
     options: Mapping[str, Any],
     check: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Return every hyperparameter of `spec`, defaults filled, or raise naming the first bad field."""
+    """Every hyperparameter of `spec` with defaults filled; raises naming the first bad field."""
     known = {h.name: h for h in spec}
     for name in options:
         if name not in known:
             allowed = ", ".join(sorted(known))
-            raise HyperparameterError(name, options[name], f"not an option of {algorithm}: {allowed}")
+            raise HyperparameterError(
+                name, options[name], f"not an option of {algorithm}: {allowed}"
+            )
     values = {h.name: h.kind.coerce(h.name, options.get(h.name, h.default)) for h in spec}
     if check is not None:
         check(values)

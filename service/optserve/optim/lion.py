@@ -7,10 +7,22 @@ decay multiplies by f32(1 - lr*wd) like AdamW.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from .base import Algorithm, Hyperparameters, TensorState, register, zeros_like
 from .hyperparams import NON_NEGATIVE, UNIT_INTERVAL, Flag, Hyperparameter, Pair
-from .kernels import F32, add_, blocks, lerp_, temp
+from .kernels import F32, KERNEL, fma, launch, lerp
+
+
+@njit(**KERNEL)
+def _kernel(p, g, m, maximize, decay, beta1, one_minus_beta1, one_minus_beta2, neg_lr):
+    for i in range(p.shape[0]):
+        d = -g[i] if maximize else g[i]
+        param = F32(p[i] * decay)
+        c = fma(d, one_minus_beta1, F32(m[i] * beta1))  # exp_avg.mul(b1).add_(grad, alpha=1-b1)
+        direction = F32(np.sign(c))
+        p[i] = fma(direction, neg_lr, param)
+        m[i] = lerp(m[i], d, one_minus_beta2)
 
 
 def init(param: np.ndarray, hp: Hyperparameters) -> TensorState:
@@ -21,22 +33,16 @@ def update(
     param: np.ndarray, grad: np.ndarray, state: TensorState, hp: Hyperparameters, lr: float
 ) -> None:
     beta1, beta2 = hp["betas"]
-    weight_decay = hp["weight_decay"]
-    p_flat, g_flat, m_flat = param.reshape(-1), grad.reshape(-1), state["exp_avg"].reshape(-1)
-    for block in blocks(p_flat.shape[0]):
-        p, m, g = p_flat[block], m_flat[block], g_flat[block]
-        if hp["maximize"]:
-            negated = temp(p.shape[0], 0)
-            np.negative(g, out=negated)
-            g = negated
-        if weight_decay != 0:
-            p *= F32(1 - lr * weight_decay)
-        direction = temp(p.shape[0], 1)
-        np.multiply(m, F32(beta1), out=direction)  # exp_avg.mul(beta1).add_(grad, alpha=1-beta1)
-        add_(direction, g, 1 - beta1)
-        np.sign(direction, out=direction)
-        add_(p, direction, -lr)
-        lerp_(m, g, 1 - beta2)
+    launch(
+        _kernel,
+        (param.reshape(-1), grad.reshape(-1), state["exp_avg"].reshape(-1)),
+        hp["maximize"],
+        F32(1 - lr * hp["weight_decay"]),
+        F32(beta1),
+        F32(1 - beta1),
+        F32(1 - beta2),
+        F32(-lr),
+    )
 
 
 LION = register(

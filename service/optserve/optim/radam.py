@@ -3,11 +3,47 @@
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
-from ._grad import effective_grad
 from .base import Algorithm, Hyperparameters, TensorState, register, zeros_like
 from .hyperparams import NON_NEGATIVE, UNIT_INTERVAL, Flag, Hyperparameter, Pair
-from .kernels import F32, add_, addcmul_, blocks, increment_step, lerp_, temp
+from .kernels import F32, KERNEL, addcmul, fma, grad_term, increment_step, launch, lerp
+
+
+@njit(**KERNEL)
+def _kernel(
+    p,
+    g,
+    m,
+    v,
+    maximize,
+    l2,
+    wd,
+    decoupled,
+    decay,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    bias_correction1,
+    lr,
+    rectified,
+    eps,
+    bias_correction2_sqrt,
+    rect,
+):
+    for i in range(p.shape[0]):
+        param = F32(p[i] * decay) if decoupled else p[i]
+        d = grad_term(g[i], param, maximize, l2, wd)
+        mi = lerp(m[i], d, one_minus_beta1)
+        m[i] = mi
+        vi = addcmul(F32(v[i] * beta2), d, d, one_minus_beta2)
+        v[i] = vi
+        step = F32(F32(mi / bias_correction1) * lr)
+        if rectified:
+            # sqrt(bc2) / (sqrt(v) + eps) is torch's __rdiv__: a reciprocal, then a scale.
+            adaptive = F32(F32(F32(1.0) / F32(F32(np.sqrt(vi)) + eps)) * bias_correction2_sqrt)
+            step = F32(F32(step * adaptive) * rect)
+        p[i] = fma(step, F32(-1.0), param)
 
 
 def init(param: np.ndarray, hp: Hyperparameters) -> TensorState:
@@ -18,43 +54,42 @@ def update(
     param: np.ndarray, grad: np.ndarray, state: TensorState, hp: Hyperparameters, lr: float
 ) -> None:
     beta1, beta2 = hp["betas"]
-    weight_decay, decoupled = hp["weight_decay"], hp["decoupled_weight_decay"]
+    wd, decoupled = hp["weight_decay"], hp["decoupled_weight_decay"]
     step = increment_step(state["step"])
     state["step"] = step
     t = float(step)
-    bias_correction1 = 1 - beta1**t
     bias_correction2 = 1 - beta2**t
     rho_inf = 2 / (1 - beta2) - 1
     rho_t = rho_inf - 2 * t * (beta2**t) / bias_correction2
     rectified = rho_t > 5.0
+    rect = 0.0
     if rectified:
         rect = (
             (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
         ) ** 0.5
-    p_flat, g_flat = param.reshape(-1), grad.reshape(-1)
-    m_flat, v_flat = state["exp_avg"].reshape(-1), state["exp_avg_sq"].reshape(-1)
-    for block in blocks(p_flat.shape[0]):
-        p = p_flat[block]
-        if decoupled and weight_decay != 0:
-            p *= F32(1 - lr * weight_decay)
-        g = effective_grad(p, g_flat[block], hp["maximize"], 0.0 if decoupled else weight_decay)
-        m, v = m_flat[block], v_flat[block]
-        lerp_(m, g, 1 - beta1)
-        v *= F32(beta2)
-        addcmul_(v, g, g, 1 - beta2)
-        upd = temp(p.shape[0], 1)
-        np.divide(m, F32(bias_correction1), out=upd)  # bias-corrected exp_avg
-        upd *= F32(lr)
-        if rectified:
-            # (sqrt(bc2) / (sqrt(v) + eps)) is torch's __rdiv__: reciprocal, then scale.
-            adaptive = temp(p.shape[0], 2)
-            np.sqrt(v, out=adaptive)
-            adaptive += F32(hp["eps"])
-            np.reciprocal(adaptive, out=adaptive)
-            adaptive *= F32(bias_correction2**0.5)
-            upd *= adaptive
-            upd *= F32(rect)
-        add_(p, upd, -1.0)
+    launch(
+        _kernel,
+        (
+            param.reshape(-1),
+            grad.reshape(-1),
+            state["exp_avg"].reshape(-1),
+            state["exp_avg_sq"].reshape(-1),
+        ),
+        hp["maximize"],
+        wd != 0 and not decoupled,
+        F32(wd),
+        wd != 0 and decoupled,
+        F32(1 - lr * wd),
+        F32(1 - beta1),
+        F32(beta2),
+        F32(1 - beta2),
+        F32(1 - beta1**t),
+        F32(lr),
+        rectified,
+        F32(hp["eps"]),
+        F32(bias_correction2**0.5),
+        F32(rect),
+    )
 
 
 RADAM = register(

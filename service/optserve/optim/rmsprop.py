@@ -7,11 +7,57 @@ for alpha=0.99; that is torch's behaviour and users comparing runs expect it.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
-from ._grad import effective_grad
 from .base import Algorithm, Hyperparameters, TensorState, register, zeros_like
 from .hyperparams import NON_NEGATIVE, Flag, Hyperparameter
-from .kernels import F32, add_, addcdiv_, addcmul_, blocks, increment_step, lerp_, temp
+from .kernels import (
+    F32,
+    KERNEL,
+    addcdiv,
+    addcmul,
+    flat,
+    fma,
+    grad_term,
+    increment_step,
+    launch,
+    lerp,
+)
+
+
+@njit(**KERNEL)
+def _kernel(
+    p,
+    g,
+    sq,
+    ga,
+    buf,
+    maximize,
+    l2,
+    wd,
+    alpha,
+    one_minus_alpha,
+    centered,
+    eps,
+    use_momentum,
+    momentum,
+    neg_lr,
+):
+    for i in range(p.shape[0]):
+        d = grad_term(g[i], p[i], maximize, l2, wd)
+        s = addcmul(F32(sq[i] * alpha), d, d, one_minus_alpha)
+        sq[i] = s
+        if centered:
+            a = lerp(ga[i], d, one_minus_alpha)
+            ga[i] = a
+            s = addcmul(s, a, a, F32(-1.0))  # may round below zero -> NaN, exactly as torch
+        avg = F32(np.sqrt(s)) + eps
+        if use_momentum:
+            b = addcdiv(F32(buf[i] * momentum), d, avg, F32(1.0))
+            buf[i] = b
+            p[i] = fma(b, neg_lr, p[i])
+        else:
+            p[i] = addcdiv(p[i], d, avg, neg_lr)
 
 
 def init(param: np.ndarray, hp: Hyperparameters) -> TensorState:
@@ -26,35 +72,28 @@ def init(param: np.ndarray, hp: Hyperparameters) -> TensorState:
 def update(
     param: np.ndarray, grad: np.ndarray, state: TensorState, hp: Hyperparameters, lr: float
 ) -> None:
-    alpha, momentum, centered = hp["alpha"], hp["momentum"], hp["centered"]
+    alpha, wd = hp["alpha"], hp["weight_decay"]
     state["step"] = increment_step(state["step"])  # kept for torch's state_dict; unused by the math
-    p_flat, g_flat = param.reshape(-1), grad.reshape(-1)
-    sq_flat = state["square_avg"].reshape(-1)
-    ga_flat = state["grad_avg"].reshape(-1) if centered else None
-    buf_flat = state["momentum_buffer"].reshape(-1) if momentum > 0 else None
-    for block in blocks(p_flat.shape[0]):
-        p = p_flat[block]
-        g = effective_grad(p, g_flat[block], hp["maximize"], hp["weight_decay"])
-        sq = sq_flat[block]
-        sq *= F32(alpha)
-        addcmul_(sq, g, g, 1 - alpha)
-        avg = temp(p.shape[0], 1)
-        if ga_flat is not None:
-            ga = ga_flat[block]
-            lerp_(ga, g, 1 - alpha)
-            np.copyto(avg, sq)
-            addcmul_(avg, ga, ga, -1)  # may round below zero -> NaN, exactly as torch does
-            np.sqrt(avg, out=avg)
-        else:
-            np.sqrt(sq, out=avg)
-        avg += F32(hp["eps"])
-        if buf_flat is not None:
-            buf = buf_flat[block]
-            buf *= F32(momentum)
-            addcdiv_(buf, g, avg, 1)
-            add_(p, buf, -lr)
-        else:
-            addcdiv_(p, g, avg, -lr)
+    launch(
+        _kernel,
+        (
+            param.reshape(-1),
+            grad.reshape(-1),
+            flat(state["square_avg"]),
+            flat(state.get("grad_avg")),
+            flat(state.get("momentum_buffer")),
+        ),
+        hp["maximize"],
+        wd != 0,
+        F32(wd),
+        F32(alpha),
+        F32(1 - alpha),
+        hp["centered"],
+        F32(hp["eps"]),
+        hp["momentum"] > 0,
+        F32(hp["momentum"]),
+        F32(-lr),
+    )
 
 
 RMSPROP = register(

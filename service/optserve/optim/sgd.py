@@ -1,14 +1,29 @@
-"""SGD with momentum, dampening, Nesterov and L2 decay: torch `_single_tensor_sgd` (OPTIMIZERS 3.1)."""
+"""SGD with momentum, dampening, Nesterov and L2 decay: torch `_single_tensor_sgd`
+(OPTIMIZERS 3.1).
+"""
 
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
-from ._grad import effective_grad
 from .base import Algorithm, Hyperparameters, TensorState, register
 from .errors import HyperparameterError
 from .hyperparams import NON_NEGATIVE, Flag, Hyperparameter, Real
-from .kernels import F32, add_, blocks, fma, temp
+from .kernels import F32, KERNEL, fma, grad_term, launch
+
+
+@njit(**KERNEL)
+def _kernel(
+    p, g, buf, maximize, l2, wd, use_momentum, first, momentum, one_minus_damp, nesterov, neg_lr
+):
+    for i in range(p.shape[0]):
+        d = grad_term(g[i], p[i], maximize, l2, wd)
+        if use_momentum:
+            b = d if first else fma(d, one_minus_damp, F32(buf[i] * momentum))
+            buf[i] = b
+            d = fma(b, momentum, d) if nesterov else b
+        p[i] = fma(d, neg_lr, p[i])
 
 
 def _check(hp: dict) -> None:
@@ -26,29 +41,25 @@ def init(param: np.ndarray, hp: Hyperparameters) -> TensorState:
 def update(
     param: np.ndarray, grad: np.ndarray, state: TensorState, hp: Hyperparameters, lr: float
 ) -> None:
-    momentum, dampening, nesterov = hp["momentum"], hp["dampening"], hp["nesterov"]
-    p_flat, g_flat = param.reshape(-1), grad.reshape(-1)
+    momentum = hp["momentum"]
     first = momentum != 0 and "momentum_buffer" not in state
     if first:
         state["momentum_buffer"] = np.empty(param.shape, dtype=np.float32)
-    buf_flat = state["momentum_buffer"].reshape(-1) if momentum != 0 else None
-    for block in blocks(p_flat.shape[0]):
-        p = p_flat[block]
-        g = effective_grad(p, g_flat[block], hp["maximize"], hp["weight_decay"])
-        if buf_flat is not None:
-            buf = buf_flat[block]
-            if first:
-                np.copyto(buf, g)
-            else:
-                buf *= F32(momentum)
-                add_(buf, g, 1 - dampening)
-            if nesterov:
-                out = temp(p.shape[0], 0)
-                fma(buf, F32(momentum), g, out=out)
-                g = out
-            else:
-                g = buf
-        add_(p, g, -lr)
+    buf = state["momentum_buffer"].reshape(-1) if momentum != 0 else np.empty(0, np.float32)
+    wd = hp["weight_decay"]
+    launch(
+        _kernel,
+        (param.reshape(-1), grad.reshape(-1), buf),
+        hp["maximize"],
+        wd != 0,
+        F32(wd),
+        momentum != 0,
+        first,
+        F32(momentum),
+        F32(1 - hp["dampening"]),
+        hp["nesterov"],
+        F32(-lr),
+    )
 
 
 SGD = register(
