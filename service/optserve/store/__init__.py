@@ -1,0 +1,1 @@
+"""Redis storage for sessions: key layout, atomic load/commit, and the embedded Valkey server."""
