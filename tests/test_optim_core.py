@@ -281,3 +281,38 @@ def test_property_lr_validation_accepts_exactly_finite_non_negative(value):
         assert not valid
     else:
         assert valid
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+def test_update_with_clipping_matches_torch_clip_then_step(max_norm):
+    """clip_grad_norm_ over all tensors of the update, then the step: as a torch loop does it."""
+    rng = np.random.default_rng(7)
+    initial = {
+        "a": rng.standard_normal((4, 5)).astype(np.float32),
+        "b": rng.standard_normal(3).astype(np.float32),
+        "c": np.asarray(rng.standard_normal(()), dtype=np.float32),
+    }
+    reference = TorchRun("adam", initial, {"lr": 0.01})
+    algorithm = get_algorithm("adam")
+    hp = algorithm.configure({"lr": 0.01})
+    params = {n: a.copy() for n, a in initial.items()}
+    states = initial_states(algorithm, hp, params)
+    for step in range(10):
+        grads = {
+            n: np.asarray(rng.standard_normal(a.shape) * 3, dtype=np.float32)
+            for n, a in initial.items()
+        }
+        if step % 2:
+            del grads["b"]  # clipping covers only the tensors that have a gradient
+        present = [t for n, t in zip(reference.names, reference.tensors, strict=True) if n in grads]
+        for name, tensor in zip(reference.names, reference.tensors, strict=True):
+            tensor.grad = torch.from_numpy(grads[name].copy()) if name in grads else None
+        torch_norm = torch.nn.utils.clip_grad_norm_(present, max_norm)
+        reference.optimizer.step()
+        # Pushed in a different order than the parameters: the norm must not depend on it.
+        shuffled = dict(reversed(list(grads.items())))
+        result = apply_update(algorithm, hp, params, shuffled, states, hp["lr"], max_norm=max_norm)
+        assert result.total_norm == torch_norm.item()
+    for name in initial:
+        expected = reference.tensors[reference.names.index(name)].detach().numpy()
+        assert ulps(params[name], expected, initial[name]).max() <= 4

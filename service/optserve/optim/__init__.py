@@ -4,10 +4,11 @@ Importing this package registers every algorithm; look them up with `get_algorit
 """
 
 from . import adagrad, adam, adamax, lion, nadam, radam, rmsprop, sgd  # noqa: F401  (registration)
-from .base import Algorithm, TensorState, algorithm_names, get_algorithm
+from .base import SCALAR_STATE, Algorithm, TensorState, algorithm_names, get_algorithm
 from .errors import GradientError, HyperparameterError, NonFiniteGradientError, OptimError
 
 __all__ = [
+    "SCALAR_STATE",
     "Algorithm",
     "GradientError",
     "HyperparameterError",

@@ -14,6 +14,8 @@ from .hyperparams import Hyperparameter, validate
 #: One tensor's optimizer state with torch's names: arrays shaped like the parameter (float32) and
 #: 0-dim scalars (`step`, `mu_product`) held as np.float32, like torch's 0-dim float32 tensors.
 TensorState = dict[str, Any]
+#: State entries that are 0-dim float32 scalars in torch; the others are shaped like the param.
+SCALAR_STATE = frozenset({"step", "mu_product"})
 Hyperparameters = Mapping[str, Any]
 
 InitFn = Callable[[np.ndarray, Hyperparameters], TensorState]

@@ -36,18 +36,18 @@ def initial_states(
 
 
 def check_gradients(
-    params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray]
+    shapes: Mapping[str, tuple[int, ...]], grads: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
     """Gradients as C-contiguous float32 arrays, or GradientError naming the first bad tensor."""
     checked: dict[str, np.ndarray] = {}
     for name, grad in grads.items():
-        param = params.get(name)
-        if param is None:
+        shape = shapes.get(name)
+        if shape is None:
             raise GradientError("unknown_tensor", name, "the session has no tensor of that name")
         grad = np.asarray(grad)
-        if grad.shape != param.shape:
+        if grad.shape != tuple(shape):
             raise GradientError(
-                "shape_mismatch", name, f"shape {list(grad.shape)}, expected {list(param.shape)}"
+                "shape_mismatch", name, f"shape {list(grad.shape)}, expected {list(shape)}"
             )
         checked[name] = np.ascontiguousarray(grad, dtype=np.float32)
     return checked
@@ -74,7 +74,9 @@ def apply_update(
     `params` and `states` are modified in place (the caller owns copies loaded for this update);
     the gradients are consumed too: clipping scales them in place, as `clip_grad_norm_` does.
     """
-    grads = check_gradients(params, grads)
+    checked = check_gradients({name: p.shape for name, p in params.items()}, grads)
+    # Parameter order, as `model.parameters()`: the clip norm's float32 sum depends on it.
+    grads = {name: checked[name] for name in params if name in checked}
     bad = find_non_finite(grads)
     if bad:
         raise NonFiniteGradientError(bad)
