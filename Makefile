@@ -19,6 +19,9 @@ $(STAMP): service/pyproject.toml clients/python/pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+run: $(STAMP)
+	$(BIN)/optserve serve --host $(HOST) --port $(PORT)
+
 test: lint
 	$(BIN)/python -m pytest
 

@@ -5,10 +5,20 @@ OPTSERVE_REDIS_URL) serves the whole test session on a free port; `redis_url` ha
 that server emptied with FLUSHALL.
 """
 
-from collections.abc import Iterator
+from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
 import pytest
 import redis
+
 from optserve.store.embedded import EmbeddedValkey
 
 # -- Redis ----------------------------------------------------------------------------------------
@@ -34,3 +44,93 @@ def redis_url(valkey_server: EmbeddedValkey) -> str:
     finally:
         client.close()
     return valkey_server.url
+
+
+# -- optserve servers -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """`optserve serve` as a real child process on a free port (real uvicorn, real HTTP)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.env = {**os.environ, **env}
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child writes it while it runs
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "optserve", "serve", "--port", str(self.port)],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"optserve exited early:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"optserve did not become ready:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def api_server(
+    valkey_server: EmbeddedValkey, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """One optserve for the test session, on the shared Valkey (tests use their own sessions)."""
+    log = tmp_path_factory.mktemp("api") / "optserve.log"
+    server = ServerProcess({"OPTSERVE_REDIS_URL": valkey_server.url}, log).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def api_url(api_server: ServerProcess) -> str:
+    return api_server.url
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start extra optserve processes (own env, e.g. an embedded store); all stopped at the end."""
+    started: list[ServerProcess] = []
+
+    def start(**env: str) -> ServerProcess:
+        server = ServerProcess(env, tmp_path / f"optserve-{len(started)}.log").start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
