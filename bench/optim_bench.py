@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from optserve.optim import get_algorithm
 from optserve.optim.update import apply_update, initial_states
 

@@ -58,11 +58,12 @@ def free_port() -> int:
 class ServerProcess:
     """`optserve serve` as a real child process on a free port (real uvicorn, real HTTP)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str | None], log_path: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        self.env = {**os.environ, **env}
+        merged = {**os.environ, **env}
+        self.env = {k: v for k, v in merged.items() if v is not None}  # None removes a variable
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
@@ -126,7 +127,7 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Start extra optserve processes (own env, e.g. an embedded store); all stopped at the end."""
     started: list[ServerProcess] = []
 
-    def start(**env: str) -> ServerProcess:
+    def start(**env: str | None) -> ServerProcess:
         server = ServerProcess(env, tmp_path / f"optserve-{len(started)}.log").start()
         started.append(server)
         return server

@@ -17,6 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
 from optserve.optim.clipping import clip_grad_norm, tensor_norm
 from optserve.optim.errors import HyperparameterError
 

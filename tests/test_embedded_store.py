@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import redis
+
 from optserve.store.embedded import (
     DataDirLockedError,
     EmbeddedValkey,

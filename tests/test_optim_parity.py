@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from optserve.optim import get_algorithm
 from optserve.optim.update import apply_update, initial_states
 

@@ -16,9 +16,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.optim import lr_scheduler as sched
+
 from optserve.optim.errors import HyperparameterError
 from optserve.optim.schedules import Schedule, ScheduleState, make_schedule
-from torch.optim import lr_scheduler as sched
 
 EPOCHS = 300
 TOL = 1e-12

@@ -13,6 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
 from optserve.wire import (
     JSON,
     SAFETENSORS,
@@ -28,8 +31,6 @@ from optserve.wire import (
     request_media_type,
 )
 from optserve.wire.json_codec import DOUBLE_ROUNDING_TRAPS
-from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 
 CODECS = [JSON, SAFETENSORS]
 SHAPES = [(), (0,), (1,), (5,), (2, 3), (0, 4), (2, 3, 4), (2, 0, 3), (1, 2, 3, 4)]

@@ -13,7 +13,9 @@ from .message import Message
 from .safetensors_codec import decode_safetensors_message, encode_safetensors_message
 
 
-def decode_message(body: bytes, content_type: str | None, tensor_field: str) -> Message:
+def decode_message(
+    body: bytes, content_type: str | None, tensor_field: str, required: bool = True
+) -> Message:
     """Decode a request body by its Content-Type (missing means JSON).
 
     `tensor_field` names the JSON member holding the tensors ("grads", "params"); safetensors
@@ -22,7 +24,7 @@ def decode_message(body: bytes, content_type: str | None, tensor_field: str) -> 
     """
     if request_media_type(content_type) == SAFETENSORS:
         return decode_safetensors_message(body)
-    return decode_json_message(body, tensor_field)
+    return decode_json_message(body, tensor_field, required)
 
 
 def encode_message(

@@ -102,10 +102,15 @@ def decode_json_tensor(where: str, spec: object) -> np.ndarray:
         return values.reshape(shape).astype(np.float32)
 
 
-def decode_json_message(body: bytes, tensor_field: str) -> Message:
-    """A JSON body -> Message; the tensors sit under `tensor_field`, every other key is a field."""
+def decode_json_message(body: bytes, tensor_field: str, required: bool = True) -> Message:
+    """A JSON body -> Message; the tensors sit under `tensor_field`, every other key is a field.
+
+    With `required=False` a body without `tensor_field` is a message with no tensors.
+    """
     fields = decode_json_object(body)
     if tensor_field not in fields:
+        if not required:
+            return Message(tensors={}, fields=fields)
         raise invalid_body(f"the body is missing {tensor_field!r}")
     raw = fields.pop(tensor_field)
     if not isinstance(raw, dict):

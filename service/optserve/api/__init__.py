@@ -1,0 +1,1 @@
+"""HTTP only: routes, request parsing, response encoding and the mapping of errors to problems."""

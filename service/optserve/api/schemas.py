@@ -1,0 +1,144 @@
+"""OpenAPI documentation of the bodies. Routes never parse tensors with these models (orjson and
+numpy do, DESIGN.md): the models describe the contract for /docs and generated clients."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..wire import JSON, SAFETENSORS
+
+
+class Tensor(BaseModel):
+    shape: list[int] = Field(description="Dimensions; [] is a scalar")
+    data: list[float] = Field(description="prod(shape) numbers, flat, row-major, float32")
+
+
+class TensorDecl(BaseModel):
+    shape: list[int]
+    dtype: Literal["float32"] = "float32"
+
+
+class Optimizer(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(
+        description="sgd, adam, adamw, rmsprop, adagrad, nadam, radam, adamax or lion; every "
+        "other member is a torch.optim hyperparameter of it (lr, betas, eps, weight_decay, ...)"
+    )
+
+
+class Mode(BaseModel):
+    type: Literal["async"] = "async"
+
+
+class SessionCreate(BaseModel):
+    optimizer: Optimizer
+    params: dict[str, Tensor] = Field(default_factory=dict, description="Initial values")
+    tensors: dict[str, TensorDecl] = Field(
+        default_factory=dict, description="Zero-initialised tensors, to upload later"
+    )
+    mode: Mode = Field(default_factory=Mode)
+    lr_schedule: dict[str, Any] | None = Field(
+        default=None,
+        description="constant, step, multistep, exponential, cosine, linear or sequence, with "
+        "torch.optim.lr_scheduler's parameter names",
+    )
+    clip_grad_norm: float | None = Field(default=None, gt=0)
+    nonfinite: Literal["reject", "skip"] = "reject"
+    name: str | None = None
+
+
+class Session(BaseModel):
+    id: str
+    name: str | None
+    version: int
+    optimizer: dict[str, Any]
+    tensors: dict[str, TensorDecl]
+    mode: Mode
+    lr_schedule: dict[str, Any] | None
+    lr: float = Field(description="The lr the next update uses")
+    clip_grad_norm: float | None
+    nonfinite: Literal["reject", "skip"]
+    created_at: str
+    updated_at: str
+
+
+class SessionList(BaseModel):
+    sessions: list[Session]
+
+
+class SessionPatch(BaseModel):
+    optimizer: dict[str, Any] | None = Field(default=None, description="Hyperparameters to change")
+    clip_grad_norm: float | None = None
+    nonfinite: Literal["reject", "skip"] | None = None
+    name: str | None = None
+
+
+class Params(BaseModel):
+    version: int
+    params: dict[str, Tensor]
+
+
+class ParamsPut(BaseModel):
+    params: dict[str, Tensor]
+
+
+class Version(BaseModel):
+    version: int
+
+
+class GradientPush(BaseModel):
+    grads: dict[str, Tensor] = Field(description="Any subset of the tensors; absent = skipped")
+    base_version: int | None = Field(default=None, ge=0)
+    worker: str | None = None
+
+
+class PushResponse(BaseModel):
+    version: int
+    applied: bool
+    skipped: str | None = None
+    total_norm: float | None = Field(default=None, description="Pre-clip global norm")
+    params: dict[str, Tensor]
+
+
+class State(BaseModel):
+    version: int
+    optimizer: dict[str, Any]
+    lr_schedule: dict[str, Any] | None
+    lr_schedule_state: dict[str, Any]
+    tensors: dict[str, dict[str, Tensor | float]] = Field(
+        description="Per tensor: param, torch's state names (step, exp_avg, ...)"
+    )
+
+
+class StatePut(BaseModel):
+    tensors: dict[str, dict[str, Tensor | float]]
+    optimizer: dict[str, Any] | None = None
+    lr_schedule_state: dict[str, Any] | None = None
+
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+TENSOR_RESPONSE: dict[int | str, dict[str, Any]] = {200: {"content": {SAFETENSORS: _BINARY}}}
+
+
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    """Replace pydantic's local `#/$defs/X` references by the definitions themselves."""
+    if isinstance(node, dict):
+        ref = node.get("$ref", "")
+        if ref.startswith("#/$defs/"):
+            return _inline(defs[ref.removeprefix("#/$defs/")], defs)
+        return {k: _inline(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node
+
+
+def body(model: type[BaseModel], tensors_in: str | None = None) -> dict[str, Any]:
+    """`openapi_extra` for a body read by hand: the JSON schema, plus safetensors if it carries
+    tensors (named tensors; the other fields as JSON texts in the header metadata)."""
+    schema = model.model_json_schema()
+    content: dict[str, Any] = {JSON: {"schema": _inline(schema, schema.get("$defs", {}))}}
+    if tensors_in:
+        content[SAFETENSORS] = _BINARY
+    return {"requestBody": {"required": True, "content": content}}

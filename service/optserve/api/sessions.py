@@ -1,0 +1,216 @@
+"""The /v1/sessions routes: each reads as the HTTP contract and hands the meaning to the engine."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+
+from ..engine.errors import invalid_session
+from ..wire import SAFETENSORS, decode_json_object, decode_message, request_media_type
+from . import schemas
+from .http import (
+    AppSettings,
+    Service,
+    etag,
+    json_response,
+    parse_version_header,
+    read_body,
+    tensor_response,
+)
+from .state_wire import decode_state, encode_state
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+
+CREATE_FIELDS = {
+    "optimizer",
+    "tensors",
+    "mode",
+    "lr_schedule",
+    "clip_grad_norm",
+    "nonfinite",
+    "name",
+}
+PUSH_FIELDS = {"base_version", "worker"}
+
+
+def _only(fields: dict[str, Any], allowed: set[str], what: str) -> None:
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise invalid_session(f"unknown {what} field(s): {', '.join(unknown)}")
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=schemas.Session,
+    openapi_extra=schemas.body(schemas.SessionCreate, tensors_in="params"),
+    summary="Create a session",
+)
+async def create_session(request: Request, service: Service, settings: AppSettings) -> Response:
+    body = await read_body(request, settings.max_body_bytes)
+    message = decode_message(body, request.headers.get("content-type"), "params", required=False)
+    _only(message.fields, CREATE_FIELDS, "session")
+    session = await service.create(message.fields, message.tensors)
+    location = f"/v1/sessions/{session['id']}"
+    return json_response(session, 201, {"Location": location, "ETag": etag(session["version"])})
+
+
+@router.get("", response_model=schemas.SessionList, summary="List sessions")
+async def list_sessions(
+    service: Service,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> Response:
+    return json_response({"sessions": await service.list(offset, limit)})
+
+
+@router.get("/{sid}", response_model=schemas.Session, summary="Read a session")
+async def get_session(sid: str, service: Service) -> Response:
+    session = await service.get(sid)
+    return json_response(session, headers={"ETag": etag(session["version"])})
+
+
+@router.patch(
+    "/{sid}",
+    response_model=schemas.Session,
+    openapi_extra=schemas.body(schemas.SessionPatch),
+    summary="Change hyperparameters in flight",
+)
+async def patch_session(
+    sid: str, request: Request, service: Service, settings: AppSettings
+) -> Response:
+    changes = decode_json_object(await read_body(request, settings.max_body_bytes))
+    return json_response(await service.patch(sid, changes))
+
+
+@router.delete("/{sid}", status_code=204, summary="Delete a session and all its keys")
+async def delete_session(sid: str, service: Service) -> Response:
+    await service.delete(sid)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/{sid}/params",
+    response_model=schemas.Params,
+    responses=schemas.TENSOR_RESPONSE,
+    summary="Current parameters (long-poll with after_version and wait_s)",
+)
+async def get_params(
+    sid: str,
+    request: Request,
+    service: Service,
+    settings: AppSettings,
+    names: Annotated[str | None, Query(description="Comma-separated tensor names")] = None,
+    after_version: Annotated[int | None, Query(ge=0)] = None,
+    wait_s: Annotated[float, Query(ge=0)] = 0.0,
+) -> Response:
+    if after_version is not None and wait_s > 0:
+        await service.wait_for_version(sid, after_version, min(wait_s, settings.long_poll_max_s))
+    selected = [n for n in names.split(",") if n] if names is not None else None
+    result = await service.get_params(sid, selected)
+    return tensor_response(
+        request, result.params, {"version": result.version}, "params",
+        {"ETag": etag(result.version)},
+    )  # fmt: skip
+
+
+@router.put(
+    "/{sid}/params",
+    response_model=schemas.Version,
+    openapi_extra=schemas.body(schemas.ParamsPut, tensors_in="params"),
+    summary="Replace parameter values (optimizer state untouched)",
+)
+async def put_params(
+    sid: str,
+    request: Request,
+    service: Service,
+    settings: AppSettings,
+    if_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    body = await read_body(request, settings.max_body_bytes)
+    message = decode_message(body, request.headers.get("content-type"), "params")
+    _only(message.fields, set(), "params")
+    if not message.tensors:
+        raise invalid_session("no params to replace")
+    version = await service.put_params(
+        sid, message.tensors, parse_version_header("If-Match", if_match)
+    )
+    return json_response({"version": version}, headers={"ETag": etag(version)})
+
+
+@router.post(
+    "/{sid}/gradients",
+    response_model=schemas.PushResponse,
+    responses=schemas.TENSOR_RESPONSE,
+    openapi_extra=schemas.body(schemas.GradientPush, tensors_in="grads"),
+    summary="Push gradients: one optimizer step, updated params back",
+)
+async def push_gradients(
+    sid: str,
+    request: Request,
+    service: Service,
+    settings: AppSettings,
+    returning: Annotated[
+        Literal["all", "pushed", "none"],
+        Query(alias="return", description="Which params to send back"),
+    ] = "all",
+) -> Response:
+    body = await read_body(request, settings.max_body_bytes)
+    message = decode_message(body, request.headers.get("content-type"), "grads")
+    _only(message.fields, PUSH_FIELDS, "push")
+    _check_push_fields(message.fields)
+    result = await service.push(sid, message.tensors, returning=returning)
+    fields: dict[str, Any] = {"version": result.version, "applied": result.applied}
+    if result.skipped:
+        fields["skipped"] = result.skipped
+    if result.total_norm is not None:
+        fields["total_norm"] = result.total_norm
+    return tensor_response(request, result.params, fields, "params", {"ETag": etag(result.version)})
+
+
+def _check_push_fields(fields: dict[str, Any]) -> None:
+    base = fields.get("base_version")
+    if base is not None and (isinstance(base, bool) or not isinstance(base, int) or base < 0):
+        raise invalid_session('"base_version" must be a non-negative integer')
+    worker = fields.get("worker")
+    if worker is not None and (not isinstance(worker, str) or not 0 < len(worker) <= 256):
+        raise invalid_session('"worker" must be a string of 1 to 256 characters')
+
+
+@router.get(
+    "/{sid}/state",
+    response_model=schemas.State,
+    responses=schemas.TENSOR_RESPONSE,
+    summary="Export params and the full optimizer state (a checkpoint)",
+)
+async def get_state(sid: str, request: Request, service: Service) -> Response:
+    exported = await service.export_state(sid)
+    body, media_type = encode_state(exported, request.headers.get("accept"))
+    return Response(body, media_type=media_type, headers={"ETag": etag(exported["version"])})
+
+
+@router.put(
+    "/{sid}/state",
+    response_model=schemas.Version,
+    openapi_extra=schemas.body(schemas.StatePut),
+    summary="Restore params and the full optimizer state",
+)
+async def put_state(
+    sid: str,
+    request: Request,
+    service: Service,
+    settings: AppSettings,
+    if_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    body = await read_body(request, settings.max_body_bytes)
+    media_type = request_media_type(request.headers.get("content-type"))
+    state = decode_state(body, media_type == SAFETENSORS)
+    version = await service.import_state(
+        sid,
+        state["tensors"],
+        optimizer=state.get("optimizer"),
+        schedule_state=state.get("lr_schedule_state"),
+        if_match=parse_version_header("If-Match", if_match),
+    )
+    return json_response({"version": version}, headers={"ETag": etag(version)})

@@ -1,0 +1,56 @@
+"""create_app(): the FastAPI application, its routers, and the store it lives on."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from anyio import to_thread
+from fastapi import FastAPI
+
+from . import __version__
+from .api import health, problems, sessions
+from .config import Settings, get_settings
+from .engine.sessions import SessionService
+from .store.embedded import EmbeddedValkey
+from .store.redis_store import RedisStore
+
+log = logging.getLogger("optserve")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app; without OPTSERVE_REDIS_URL it starts (or adopts) the embedded Valkey."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        embedded: EmbeddedValkey | None = None
+        url = settings.redis_url
+        if url is None:
+            embedded = EmbeddedValkey(settings.data_dir, appendfsync=settings.fsync)
+            url = await to_thread.run_sync(embedded.start)
+            log.info("embedded valkey at %s, data in %s", url, settings.data_dir.resolve())
+        store = RedisStore.from_url(
+            url, fsync_always=settings.fsync == "always", health_check_interval=30
+        )
+        app.state.store = store
+        app.state.service = SessionService(store)
+        try:
+            yield
+        finally:
+            await store.close()
+            if embedded is not None:
+                await to_thread.run_sync(embedded.stop)
+
+    app = FastAPI(
+        title="optserve",
+        version=__version__,
+        summary="Optimizer as a service: shared torch.optim-exact optimizer state over HTTP.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    problems.install(app)
+    app.include_router(health.router)
+    app.include_router(sessions.router)
+    return app

@@ -1,0 +1,39 @@
+"""`optserve serve`: run the API under uvicorn with settings from OPTSERVE_* and flags."""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+
+from .app import create_app
+from .config import Settings
+
+
+def serve(args: argparse.Namespace) -> None:
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+    settings = Settings(**overrides)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="optserve", description="Optimizer as a service.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="run the HTTP API")
+    serve_parser.add_argument(
+        "--host", help="address to bind (default: OPTSERVE_HOST or 127.0.0.1)"
+    )
+    serve_parser.add_argument("--port", type=int, help="port (default: OPTSERVE_PORT or 8000)")
+    serve_parser.set_defaults(run=serve)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Every setting of the server, read from OPTSERVE_* environment variables in one place."""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Server settings; the README's settings table lists the same names and defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="OPTSERVE_", extra="ignore")
+
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis/Valkey URL. Unset: start the embedded Valkey with data in data_dir.",
+    )
+    data_dir: Path = Field(
+        default=Path(".optserve"), description="Embedded store's files (AOF, config, log, lock)."
+    )
+    host: str = Field(default="127.0.0.1", description="Address `optserve serve` binds.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port `optserve serve` binds.")
+    fsync: Literal["everysec", "always"] = Field(
+        default="everysec",
+        description="always: each acknowledgement waits for the store's AOF fsync (WAITAOF).",
+    )
+    max_body_bytes: int = Field(
+        default=256 * 2**20, gt=0, description="Largest request body; larger gets 413."
+    )
+    long_poll_max_s: float = Field(
+        default=60.0, gt=0, description="Upper bound of `wait_s` on GET params."
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @property
+    def is_loopback(self) -> bool:
+        """True when `host` only accepts local connections."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""What a push means: sessions, their config, and applying updates through the store."""

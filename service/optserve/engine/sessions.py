@@ -1,0 +1,480 @@
+"""The session service: what each API operation means, on top of the store and the optimizer core.
+
+Every write is a compare-and-set commit on the session version, so nothing is ever written over a
+newer version, and pushes to one session are serialised inside the process (one lock per session)
+so they do not waste commits racing each other. The numpy work runs off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+from anyio import to_thread
+
+from ..optim import GradientError, NonFiniteGradientError, TensorState
+from ..optim.schedules import ScheduleState
+from ..optim.update import apply_update, check_gradients, find_non_finite, initial_states
+from ..store.errors import SessionGone, VersionConflict
+from ..store.redis_store import RedisStore, Snapshot
+from .arrays import array_from_bytes, state_from_fields, state_to_fields, to_bytes
+from .errors import EngineError, invalid_session, not_found
+from .session_config import SessionConfig, build_config, check_shape, check_tensor_name
+from .state_io import check_tensor_state, stepped_layout
+
+Returning = Literal["all", "pushed", "none"]
+
+#: Commits lost to another process (several replicas on one Redis) are retried this often.
+MAX_COMMIT_ATTEMPTS = 16
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class PushResult:
+    version: int
+    params: dict[str, np.ndarray]
+    applied: bool
+    skipped: str | None = None
+    total_norm: float | None = None
+
+
+@dataclass(frozen=True)
+class ParamsResult:
+    version: int
+    params: dict[str, np.ndarray]
+
+
+class SessionService:
+    """All session operations; methods raise EngineError, HyperparameterError or store errors."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def _lock(self, sid: str) -> asyncio.Lock:
+        lock = self._locks.get(sid)
+        if lock is None:
+            lock = self._locks[sid] = asyncio.Lock()
+        return lock
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    async def _meta(self, sid: str) -> Snapshot:
+        try:
+            return await self.store.read_meta(sid)
+        except SessionGone:
+            raise not_found(sid) from None
+
+    async def _read(self, sid: str, params=None, state_of=()) -> Snapshot:
+        try:
+            return await self.store.read(sid, params=params, state_of=state_of)
+        except SessionGone:
+            raise not_found(sid) from None
+
+    @staticmethod
+    def config_of(snap: Snapshot) -> SessionConfig:
+        return SessionConfig.from_json(orjson.loads(snap.meta["config"]))
+
+    def view(self, snap: Snapshot) -> dict[str, Any]:
+        """The session as the API returns it."""
+        config = self.config_of(snap)
+        schedule = ScheduleState.from_dict(orjson.loads(snap.meta["schedule"]))
+        return {
+            "id": snap.sid,
+            "name": config.name,
+            "version": snap.version,
+            "optimizer": config.optimizer_view,
+            "tensors": {
+                n: {"shape": list(s), "dtype": "float32"} for n, s in config.tensors.items()
+            },
+            "mode": config.mode,
+            "lr_schedule": config.lr_schedule,
+            "lr": schedule.lr,
+            "clip_grad_norm": config.clip_grad_norm,
+            "nonfinite": config.nonfinite,
+            "created_at": snap.meta["created_at"],
+            "updated_at": snap.meta["updated_at"],
+        }
+
+    async def get(self, sid: str) -> dict[str, Any]:
+        return self.view(await self._meta(sid))
+
+    async def list(self, offset: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        views = []
+        for sid in await self.store.list_ids(offset, limit):
+            try:
+                views.append(self.view(await self.store.read_meta(sid)))
+            except SessionGone:
+                continue  # deleted between the index read and the meta read
+        return views
+
+    # -- creating and deleting -------------------------------------------------------------------
+
+    async def create(
+        self,
+        fields: Mapping[str, Any],
+        params: Mapping[str, np.ndarray],
+    ) -> dict[str, Any]:
+        """Create a session from the request's fields and its initial `params` tensors."""
+        declared = fields.get("tensors") or {}
+        if not isinstance(declared, Mapping):
+            raise invalid_session('"tensors" must map names to {"shape": [...]}')
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, array in params.items():
+            shapes[check_tensor_name(name)] = tuple(array.shape)
+        for name, spec in declared.items():
+            check_tensor_name(name)
+            if name in shapes:
+                raise invalid_session(f"tensor {name!r} is both in params and in tensors")
+            if not isinstance(spec, Mapping) or set(spec) - {"shape", "dtype"}:
+                raise invalid_session(f'tensor {name!r}: declare it as {{"shape": [...]}}')
+            if spec.get("dtype", "float32") != "float32":
+                raise invalid_session(f"tensor {name!r}: only float32 tensors are supported")
+            shapes[name] = check_shape(name, spec.get("shape"))
+        config = build_config(
+            optimizer=fields.get("optimizer"),
+            tensors=shapes,
+            name=fields.get("name"),
+            mode=fields.get("mode"),
+            lr_schedule=fields.get("lr_schedule"),
+            clip_grad_norm=fields.get("clip_grad_norm"),
+            nonfinite=fields.get("nonfinite", "reject"),
+        )
+        arrays = {
+            name: np.zeros(shape, np.float32) if name not in params else params[name]
+            for name, shape in shapes.items()
+        }
+        states = initial_states(config.algorithm, config.hyperparameters, arrays)
+        writes = {
+            name: {"param": to_bytes(array), **state_to_fields(states.get(name, {}))}
+            for name, array in arrays.items()
+        }
+        sid = secrets.token_urlsafe(16)
+        now = _now()
+        schedule = config.schedule.start(config.hyperparameters["lr"])
+        meta = {
+            "config": orjson.dumps(config.to_json()).decode(),
+            "schedule": orjson.dumps(schedule.to_dict()).decode(),
+            "created_at": now,
+            "updated_at": now,
+        }
+        await self.store.create(sid, meta, writes)
+        return self.view(await self._meta(sid))
+
+    async def delete(self, sid: str) -> None:
+        if not await self.store.delete(sid):
+            raise not_found(sid)
+
+    # -- changing hyperparameters ----------------------------------------------------------------
+
+    async def patch(self, sid: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Change hyperparameters (and clip/nonfinite/name) in flight; the version is kept.
+
+        A new lr behaves like torch's `group["lr"] = lr`: a running schedule continues from it.
+        """
+        allowed = {"optimizer", "clip_grad_norm", "nonfinite", "name"}
+        unknown = set(changes) - allowed
+        if unknown:
+            raise invalid_session(f"cannot change {', '.join(sorted(unknown))}")
+        async with self._lock(sid):
+            for _ in range(MAX_COMMIT_ATTEMPTS):
+                snap = await self._meta(sid)
+                config = self.config_of(snap)
+                schedule = ScheduleState.from_dict(orjson.loads(snap.meta["schedule"]))
+                optimizer = changes.get("optimizer", {})
+                if not isinstance(optimizer, Mapping):
+                    raise invalid_session('"optimizer" must be an object of hyperparameters')
+                same_name = optimizer.get("name") == config.optimizer
+                optimizer = {k: v for k, v in optimizer.items() if not (k == "name" and same_name)}
+                config = config.with_hyperparameters(optimizer)
+                if "lr" in optimizer:
+                    schedule = schedule.with_lr(config.hyperparameters["lr"])
+                rebuilt = build_config(
+                    optimizer=config.optimizer_view,
+                    tensors=config.tensors,
+                    name=changes.get("name", config.name),
+                    mode=config.mode,
+                    lr_schedule=config.lr_schedule,
+                    clip_grad_norm=changes.get("clip_grad_norm", config.clip_grad_norm),
+                    nonfinite=changes.get("nonfinite", config.nonfinite),
+                )
+                meta = {
+                    "config": orjson.dumps(rebuilt.to_json()).decode(),
+                    "schedule": orjson.dumps(schedule.to_dict()).decode(),
+                    "updated_at": _now(),
+                }
+                try:
+                    await self.store.commit(snap, {}, meta, bump_version=False)
+                except VersionConflict:
+                    continue
+                except SessionGone:
+                    raise not_found(sid) from None
+                return await self.get(sid)
+        raise EngineError("conflict", "the session kept changing; try again")
+
+    # -- params ----------------------------------------------------------------------------------
+
+    async def get_params(self, sid: str, names: list[str] | None = None) -> ParamsResult:
+        if names is not None:
+            config = self.config_of(await self._meta(sid))
+            for name in names:
+                if name not in config.tensors:
+                    raise EngineError("unknown_tensor", f"the session has no tensor {name!r}")
+        snap = await self._read(sid, params=names)
+        config = self.config_of(snap)
+        params = {
+            name: array_from_bytes(snap.arrays[(name, "param")], config.tensors[name])
+            for name in (names if names is not None else config.tensors)
+        }
+        return ParamsResult(snap.version, params)
+
+    async def wait_for_version(self, sid: str, after: int, wait_s: float) -> None:
+        """Long-poll: return once the version is past `after`, or when `wait_s` is up."""
+        deadline = asyncio.get_running_loop().time() + max(0.0, wait_s)
+        delay = 0.01
+        while (await self._meta(sid)).version <= after:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.25)
+
+    async def put_params(
+        self, sid: str, params: Mapping[str, np.ndarray], if_match: int | None
+    ) -> int:
+        """Replace parameter values (state untouched); returns the new version."""
+        async with self._lock(sid):
+            snap = await self._meta(sid)
+            config = self.config_of(snap)
+            self._check_known(config, params)
+            if if_match is not None and if_match != snap.version:
+                raise EngineError(
+                    "precondition_failed",
+                    f"If-Match {if_match} but the session is at version {snap.version}",
+                    version=snap.version,
+                )
+            writes = {name: {"param": to_bytes(array)} for name, array in params.items()}
+            meta = {"updated_at": _now()}
+            for _ in range(MAX_COMMIT_ATTEMPTS):
+                try:
+                    return await self.store.commit(snap, writes, meta)
+                except VersionConflict as conflict:
+                    if if_match is not None:
+                        raise EngineError(
+                            "precondition_failed",
+                            f"the session moved to version {conflict.current}",
+                            version=conflict.current,
+                        ) from None
+                    snap = await self._meta(sid)
+                except SessionGone:
+                    raise not_found(sid) from None
+        raise EngineError("conflict", "the session kept changing; try again")
+
+    @staticmethod
+    def _check_known(config: SessionConfig, arrays: Mapping[str, np.ndarray]) -> None:
+        for name, array in arrays.items():
+            shape = config.tensors.get(name)
+            if shape is None:
+                raise EngineError(
+                    "unknown_tensor", f"the session has no tensor {name!r}", tensor=name
+                )
+            if tuple(array.shape) != shape:
+                raise EngineError(
+                    "shape_mismatch",
+                    f"tensor {name!r} has shape {list(shape)}, got {list(array.shape)}",
+                    tensor=name,
+                )
+
+    # -- pushing gradients -----------------------------------------------------------------------
+
+    async def push(
+        self,
+        sid: str,
+        grads: Mapping[str, np.ndarray],
+        *,
+        returning: Returning = "all",
+    ) -> PushResult:
+        """Apply one optimizer step with these gradients (absent tensors are skipped)."""
+        if not grads:
+            raise invalid_session("a push needs at least one gradient")
+        async with self._lock(sid):
+            for _ in range(MAX_COMMIT_ATTEMPTS):
+                result = await self._push_once(sid, grads, returning)
+                if result is not None:
+                    return result
+        raise EngineError("conflict", "the session kept changing; try again")
+
+    async def _push_once(
+        self, sid: str, grads: Mapping[str, np.ndarray], returning: Returning
+    ) -> PushResult | None:
+        meta = await self._meta(sid)
+        config = self.config_of(meta)
+        try:
+            checked = check_gradients(config.tensors, grads)
+        except GradientError as error:
+            raise EngineError(error.code, str(error), tensor=error.tensor) from None
+        pushed = [name for name in config.tensors if name in checked]
+        wanted = list(config.tensors) if returning == "all" else pushed
+        snap = await self._read(sid, params=wanted, state_of=pushed)
+        if snap.meta["config"] != meta.meta["config"]:
+            return None  # hyperparameters changed between the two reads: start again
+        bad = find_non_finite(checked)
+        if bad and config.nonfinite == "skip":
+            params = self._decode_params(snap, config, wanted if returning != "none" else [])
+            return PushResult(snap.version, params, applied=False, skipped="non_finite")
+        if bad:
+            raise EngineError(
+                "non_finite",
+                f"non-finite values (NaN or inf) in gradient(s): {', '.join(bad)}",
+                tensors=bad,
+            )
+        params = self._decode_params(snap, config, wanted)
+        states: dict[str, TensorState] = {
+            name: state_from_fields(
+                {f: snap.arrays[(name, f)] for f in snap.manifests.get(name, ()) if f != "param"},
+                config.tensors[name],
+            )
+            for name in pushed
+            if len(snap.manifests.get(name, ())) > 1
+        }
+        schedule_state = ScheduleState.from_dict(orjson.loads(snap.meta["schedule"]))
+        algorithm, hp = config.algorithm, config.hyperparameters
+        stepped = {name: params[name] for name in pushed}
+
+        def compute():
+            return apply_update(
+                algorithm, hp, stepped, checked, states, schedule_state.lr,
+                max_norm=config.clip_grad_norm,
+            )  # fmt: skip
+
+        try:
+            outcome = await to_thread.run_sync(compute)
+        except NonFiniteGradientError as error:  # already checked; kept for safety
+            raise EngineError("non_finite", str(error), tensors=error.tensors) from None
+        next_schedule = config.schedule.advance(schedule_state)
+        writes = {
+            name: {"param": to_bytes(stepped[name]), **state_to_fields(states[name])}
+            for name in outcome.stepped
+        }
+        meta_update = {
+            "schedule": orjson.dumps(next_schedule.to_dict()).decode(),
+            "updated_at": _now(),
+        }
+        try:
+            version = await self.store.commit(snap, writes, meta_update)
+        except VersionConflict:
+            return None
+        except SessionGone:
+            raise not_found(sid) from None
+        returned = {} if returning == "none" else {name: params[name] for name in wanted}
+        return PushResult(version, returned, applied=True, total_norm=outcome.total_norm)
+
+    # -- optimizer state (checkpoints) -------------------------------------------------------------
+
+    async def export_state(self, sid: str) -> dict[str, Any]:
+        """Params and every state array with torch's names, the hyperparameters and the schedule."""
+        meta = await self._meta(sid)
+        snap = await self._read(sid, params=None, state_of=list(meta.manifests))
+        config = self.config_of(snap)
+        tensors: dict[str, dict[str, Any]] = {}
+        for name, shape in config.tensors.items():
+            fields = {
+                f: snap.arrays[(name, f)] for f in snap.manifests.get(name, ()) if f != "param"
+            }
+            entry: dict[str, Any] = {"param": array_from_bytes(snap.arrays[(name, "param")], shape)}
+            for key, value in state_from_fields(fields, shape).items():
+                entry[key] = float(value) if np.ndim(value) == 0 else value
+            tensors[name] = entry
+        return {
+            "version": snap.version,
+            "optimizer": config.optimizer_view,
+            "lr_schedule": config.lr_schedule,
+            "lr_schedule_state": orjson.loads(snap.meta["schedule"]),
+            "tensors": tensors,
+        }
+
+    async def import_state(
+        self,
+        sid: str,
+        tensors: Mapping[str, Mapping[str, Any]],
+        *,
+        optimizer: Mapping[str, Any] | None = None,
+        schedule_state: Mapping[str, Any] | None = None,
+        if_match: int | None = None,
+    ) -> int:
+        """Replace params and the whole optimizer state (a checkpoint restore); new version.
+
+        Like torch's `load_state_dict`, saved hyperparameters replace the live ones; a tensor
+        listed without state arrays has none afterwards (as if never stepped).
+        """
+        async with self._lock(sid):
+            snap = await self._meta(sid)
+            config = self.config_of(snap)
+            if if_match is not None and if_match != snap.version:
+                raise EngineError(
+                    "precondition_failed",
+                    f"If-Match {if_match} but the session is at version {snap.version}",
+                    version=snap.version,
+                )
+            if optimizer is not None:
+                if optimizer.get("name", config.optimizer) != config.optimizer:
+                    raise EngineError(
+                        "invalid_state",
+                        f"state of {optimizer.get('name')!r} cannot load into {config.optimizer!r}",
+                    )
+                config = config.with_hyperparameters(
+                    {k: v for k, v in optimizer.items() if k != "name"}
+                )
+            missing = sorted(set(config.tensors) - set(tensors))
+            if missing:
+                raise EngineError("invalid_state", f"state is missing tensors {missing}")
+            unknown = sorted(set(tensors) - set(config.tensors))
+            if unknown:
+                raise EngineError("unknown_tensor", f"the session has no tensors {unknown}")
+            layout = stepped_layout(config.algorithm, config.hyperparameters)
+            writes: dict[str, dict[str, bytes]] = {}
+            for name, entry in tensors.items():
+                shape = config.tensors[name]
+                if "param" not in entry:
+                    raise EngineError("invalid_state", f"tensor {name!r} has no param")
+                state = {k: v for k, v in entry.items() if k != "param"}
+                checked = check_tensor_state(name, state, shape, layout)
+                self._check_known(config, {name: np.asarray(entry["param"])})
+                writes[name] = {"param": to_bytes(entry["param"]), **state_to_fields(checked)}
+            schedule = ScheduleState.from_dict(
+                schedule_state
+                if schedule_state is not None
+                else orjson.loads(snap.meta["schedule"])
+            )
+            meta = {
+                "config": orjson.dumps(config.to_json()).decode(),
+                "schedule": orjson.dumps(schedule.to_dict()).decode(),
+                "updated_at": _now(),
+            }
+            try:
+                return await self.store.commit(snap, writes, meta, replace_state=list(writes))
+            except VersionConflict as conflict:
+                raise EngineError(
+                    "precondition_failed" if if_match is not None else "conflict",
+                    f"the session moved to version {conflict.current} during the import",
+                    version=conflict.current,
+                ) from None
+            except SessionGone:
+                raise not_found(sid) from None
+
+    @staticmethod
+    def _decode_params(snap: Snapshot, config: SessionConfig, names) -> dict[str, np.ndarray]:
+        return {
+            name: array_from_bytes(snap.arrays[(name, "param")], config.tensors[name])
+            for name in names
+        }

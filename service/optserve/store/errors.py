@@ -1,0 +1,23 @@
+"""What the store reports; the engine turns these into API errors or retries."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base of store errors."""
+
+
+class StoreUnavailable(StoreError):
+    """Redis cannot be reached or failed mid-command; nothing was acknowledged."""
+
+
+class SessionGone(StoreError):
+    """The session does not exist (never created, deleted, or expired)."""
+
+
+class VersionConflict(StoreError):
+    """The session moved on since it was read: the compare-and-set commit did not apply."""
+
+    def __init__(self, current: int) -> None:
+        self.current = current
+        super().__init__(f"session is at version {current}")

@@ -1,0 +1,44 @@
+"""Every Redis key name optserve uses, in one place.
+
+All keys of a session share the hash tag `{<sid>}`, so a session lives on one Redis Cluster slot
+and the commit script's multi-key operations stay atomic there. Arrays are one key each, so a
+commit writes only the arrays it changed and a pull reads only the params it needs.
+"""
+
+from __future__ import annotations
+
+PREFIX = "optserve"
+
+#: Sorted set of session ids (score: creation time) for listing; the only key outside a hash tag.
+SESSION_INDEX = f"{PREFIX}:sessions"
+
+#: Meta hash field naming the list of arrays stored for one tensor (`param` and state names).
+MANIFEST_FIELD_PREFIX = "a:"
+VERSION_FIELD = "version"
+
+
+def session_tag(sid: str) -> str:
+    return f"{PREFIX}:{{{sid}}}"
+
+
+def meta_key(sid: str) -> str:
+    """Hash: version, config, schedule, timestamps and one manifest field per tensor."""
+    return f"{session_tag(sid)}:meta"
+
+
+def array_key(sid: str, tensor: str, field: str) -> str:
+    """Raw little-endian float32 bytes of one array (`param`, a state array, or a 0-dim scalar).
+
+    The field comes before the tensor name so that any tensor name, even one with ':', is
+    unambiguous.
+    """
+    return f"{session_tag(sid)}:a:{field}:{tensor}"
+
+
+def staged_key(sid: str, token: str, tensor: str, field: str) -> str:
+    """Where a commit writes an array before the compare-and-set script renames it into place."""
+    return f"{session_tag(sid)}:stage:{token}:{field}:{tensor}"
+
+
+def manifest_field(tensor: str) -> str:
+    return f"{MANIFEST_FIELD_PREFIX}{tensor}"

@@ -1,0 +1,246 @@
+"""The Redis store: atomic snapshot reads and compare-and-set commits of a session's arrays.
+
+The store moves bytes, not numbers: arrays arrive and leave as raw little-endian bytes and the
+engine turns them into numpy arrays. A commit is one pipelined round trip: the new arrays are
+written to staged keys (same hash slot, short TTL), then `commit.lua` checks the version and
+renames them into place, so no reader ever sees a half-written session and no multi-MB value
+passes through Lua. With fsync=always the same connection then waits for the AOF fsync
+(`WAITAOF 1 0`) before the commit returns.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from . import keys
+from .errors import SessionGone, StoreUnavailable, VersionConflict
+
+#: Staged arrays of a commit that never ran (its process died) disappear after this long.
+STAGED_TTL_MS = 120_000
+_COMMIT_SCRIPT = resources.files(__package__).joinpath("commit.lua").read_text()
+
+
+@dataclass
+class Snapshot:
+    """A consistent read of one session: meta at `version` and the arrays asked for."""
+
+    sid: str
+    version: int
+    meta: dict[str, str]
+    #: tensor -> names of the arrays stored for it (`param` and its state fields)
+    manifests: dict[str, tuple[str, ...]]
+    #: (tensor, field) -> raw bytes
+    arrays: dict[tuple[str, str], bytes] = field(default_factory=dict)
+
+
+def _decode_meta(raw: Mapping[bytes, bytes]) -> tuple[int, dict[str, str], dict[str, tuple]]:
+    meta = {k.decode(): v.decode() for k, v in raw.items()}
+    manifests = {
+        name[len(keys.MANIFEST_FIELD_PREFIX) :]: tuple(value.split(",")) if value else ()
+        for name, value in meta.items()
+        if name.startswith(keys.MANIFEST_FIELD_PREFIX)
+    }
+    return int(meta[keys.VERSION_FIELD]), meta, manifests
+
+
+def _manifest_value(fields: Iterable[str]) -> str:
+    return ",".join(sorted(fields))
+
+
+class RedisStore:
+    """Sessions in one Redis or Valkey (standalone); all methods are coroutines."""
+
+    def __init__(self, client: aioredis.Redis, *, fsync_always: bool = False) -> None:
+        self.client = client
+        self.fsync_always = fsync_always
+        self._commit = client.register_script(_COMMIT_SCRIPT)
+
+    @classmethod
+    def from_url(cls, url: str, *, fsync_always: bool = False, **options) -> RedisStore:
+        return cls(aioredis.Redis.from_url(url, **options), fsync_always=fsync_always)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def ping(self) -> None:
+        await _guard(self.client.ping)
+
+    async def create(
+        self, sid: str, meta: Mapping[str, str], arrays: Mapping[str, Mapping[str, bytes]]
+    ) -> None:
+        """Write a new session at version 0 in one transaction."""
+        fields = dict(meta)
+        fields[keys.VERSION_FIELD] = "0"
+        for tensor, values in arrays.items():
+            fields[keys.manifest_field(tensor)] = _manifest_value(values)
+
+        async def run() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.hset(keys.meta_key(sid), mapping=fields)
+                for tensor, values in arrays.items():
+                    for name, data in values.items():
+                        pipe.set(keys.array_key(sid, tensor, name), data)
+                pipe.zadd(keys.SESSION_INDEX, {sid: time.time()})
+                await pipe.execute()
+
+        await _guard(run)
+
+    async def read_meta(self, sid: str) -> Snapshot:
+        """Meta only (version, config, manifests): cheap, for reads that need no arrays."""
+        raw = await _guard(lambda: self.client.hgetall(keys.meta_key(sid)))
+        if not raw:
+            raise SessionGone(sid)
+        version, meta, manifests = _decode_meta(raw)
+        return Snapshot(sid, version, meta, manifests)
+
+    async def read(
+        self,
+        sid: str,
+        params: Iterable[str] | None = None,
+        state_of: Iterable[str] = (),
+        *,
+        attempts: int = 8,
+    ) -> Snapshot:
+        """A consistent snapshot: meta, `param` of `params` (None = every tensor) and every
+        stored array of the tensors in `state_of`.
+
+        Reads meta, then the arrays together with the version in one MULTI; if a commit landed
+        in between, it reads again, so the arrays always belong to the version returned.
+        """
+        wanted_state = tuple(state_of)
+        for _ in range(attempts):
+            base = await self.read_meta(sid)
+            names = list(base.manifests) if params is None else list(params)
+            wanted = [(t, "param") for t in names]
+            wanted += [
+                (t, f) for t in wanted_state for f in base.manifests.get(t, ()) if f != "param"
+            ]
+            array_keys = [keys.array_key(sid, t, f) for t, f in wanted]
+
+            async def run(array_keys: list[str] = array_keys) -> list:
+                async with self.client.pipeline(transaction=True) as pipe:
+                    pipe.hget(keys.meta_key(sid), keys.VERSION_FIELD)
+                    if array_keys:
+                        pipe.mget(array_keys)
+                    return await pipe.execute()
+
+            replies = await _guard(run)
+            if replies[0] is None:
+                raise SessionGone(sid)
+            if int(replies[0]) != base.version:
+                continue
+            values = replies[1] if array_keys else []
+            base.arrays = {wanted[i]: value for i, value in enumerate(values) if value is not None}
+            return base
+        raise VersionConflict(base.version)
+
+    async def commit(
+        self,
+        base: Snapshot,
+        writes: Mapping[str, Mapping[str, bytes]],
+        meta: Mapping[str, str] | None = None,
+        *,
+        replace_state: Iterable[str] = (),
+        bump_version: bool = True,
+        conditional: bool = True,
+    ) -> int:
+        """Apply `writes` (tensor -> array name -> bytes) and `meta` atomically if the session is
+        still at `base.version`; returns the new version.
+
+        Arrays of a tensor named in `replace_state` that are not written are deleted (a state
+        import replaces the whole state); otherwise a tensor's other arrays stay as they are.
+        Raises VersionConflict or SessionGone and then nothing was applied.
+        """
+        sid = base.sid
+        token = secrets.token_hex(8)
+        fields = dict(meta or {})
+        staged: list[str] = []
+        deletes: list[str] = []
+        replaced = set(replace_state)
+        for tensor, values in writes.items():
+            old = set(base.manifests.get(tensor, ()))
+            new = set(values) if tensor in replaced else old | set(values)
+            if new != old:
+                fields[keys.manifest_field(tensor)] = _manifest_value(new)
+            for name in values:
+                staged.append(keys.staged_key(sid, token, tensor, name))
+                staged.append(keys.array_key(sid, tensor, name))
+            deletes += [keys.array_key(sid, tensor, name) for name in old - new]
+        args: list[str] = [
+            str(base.version) if conditional else "",
+            str(len(staged) // 2),
+            "1" if bump_version else "0",
+        ]
+        for name, value in fields.items():
+            args += [name, value]
+
+        async def run() -> object:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for tensor, values in writes.items():
+                    for name, data in values.items():
+                        pipe.set(keys.staged_key(sid, token, tensor, name), data, px=STAGED_TTL_MS)
+                await self._commit(
+                    keys=[keys.meta_key(sid), *staged, *deletes], args=args, client=pipe
+                )
+                if self.fsync_always:
+                    pipe.execute_command("WAITAOF", 1, 0, 0)
+                replies = await pipe.execute()
+            return replies[-2] if self.fsync_always else replies[-1]
+
+        result = await _guard(run)
+        if result == -1:
+            raise SessionGone(sid)
+        if isinstance(result, list):
+            raise VersionConflict(int(result[1]))
+        return int(result)
+
+    async def delete(self, sid: str) -> bool:
+        """Remove the session's meta and every array; False if it did not exist."""
+        try:
+            base = await self.read_meta(sid)
+        except SessionGone:
+            await _guard(lambda: self.client.zrem(keys.SESSION_INDEX, sid))
+            return False
+        doomed = [keys.meta_key(sid)]
+        doomed += [keys.array_key(sid, t, f) for t, fs in base.manifests.items() for f in fs]
+
+        async def run() -> None:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.unlink(*doomed)
+                pipe.zrem(keys.SESSION_INDEX, sid)
+                await pipe.execute()
+
+        await _guard(run)
+        return True
+
+    async def list_ids(self, offset: int = 0, limit: int = 100) -> list[str]:
+        """Session ids, oldest first."""
+        raw = await _guard(
+            lambda: self.client.zrange(keys.SESSION_INDEX, offset, offset + limit - 1)
+        )
+        return [value.decode() for value in raw]
+
+    async def count(self) -> int:
+        return int(await _guard(lambda: self.client.zcard(keys.SESSION_INDEX)))
+
+
+async def _guard(call: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a Redis call; connection failures become StoreUnavailable (the API's 503)."""
+    try:
+        return await call()
+    except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+        raise StoreUnavailable(str(error)) from error
+    except RedisError as error:
+        if "LOADING" in str(error) or "BUSY" in str(error):
+            raise StoreUnavailable(str(error)) from error
+        raise
