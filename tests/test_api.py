@@ -131,7 +131,6 @@ def test_absent_tensor_is_skipped_and_return_modes(client):
         json={"grads": {"b": tensor(np.zeros(3, np.float32))}},
     ).json()
     assert set(pushed["params"]) == {"b"} and pushed["version"] == 2
-    assert not np.array_equal(from_json(pushed["params"]["b"]), B0) or True  # zero grad: a step
     none = client.post(
         f"/v1/sessions/{sid}/gradients?return=none", json={"grads": {"w": tensor(W0)}}
     ).json()

@@ -110,6 +110,17 @@ def test_nan_gradient_in_safetensors_is_non_finite(client, sid):
     assert state(client, sid) == before
 
 
+def test_non_finite_params_are_refused(client, sid):
+    before = state(client, sid)
+    body = {"optimizer": {"name": "sgd"}, "params": {"w": {"shape": [2], "data": [1, 1e39]}}}
+    assert_problem(client.post("/v1/sessions", json=body), 422, "non_finite")
+    put = client.put(
+        f"/v1/sessions/{sid}/params", json={"params": {"b": {"shape": [3], "data": [0, 1e39, 0]}}}
+    )
+    assert_problem(put, 422, "non_finite")
+    assert state(client, sid) == before
+
+
 def test_unknown_session_is_404_everywhere(client):
     missing = "no-such-session"
     for response in (

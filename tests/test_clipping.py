@@ -245,15 +245,22 @@ def test_gradients_must_be_contiguous_float32_arrays(grad: Any) -> None:
 # ----------------------------------------------------------------------------------------------
 # property tests
 
-SHAPES = st.lists(hnp.array_shapes(min_dims=0, max_dims=3, min_side=1, max_side=12),
-                  min_size=1, max_size=5)
-P_VALUES = st.one_of(st.sampled_from([2.0, 1.0, INF, 3.0]),
-                     st.floats(min_value=0.25, max_value=8.0))
+SHAPES = st.lists(
+    hnp.array_shapes(min_dims=0, max_dims=3, min_side=1, max_side=12), min_size=1, max_size=5
+)
+P_VALUES = st.one_of(
+    st.sampled_from([2.0, 1.0, INF, 3.0]), st.floats(min_value=0.25, max_value=8.0)
+)
 
 
 @settings(max_examples=150, deadline=None)
-@given(shapes=SHAPES, seed=st.integers(0, 2**32 - 1), log_scale=st.floats(-12, 12),
-       max_norm=st.floats(min_value=1e-4, max_value=1e4), norm_type=P_VALUES)
+@given(
+    shapes=SHAPES,
+    seed=st.integers(0, 2**32 - 1),
+    log_scale=st.floats(-12, 12),
+    max_norm=st.floats(min_value=1e-4, max_value=1e4),
+    norm_type=P_VALUES,
+)
 def test_random_gradients_match_torch(
     shapes: list[tuple[int, ...]], seed: int, log_scale: float, max_norm: float, norm_type: float
 ) -> None:
@@ -262,9 +269,12 @@ def test_random_gradients_match_torch(
 
 
 @settings(max_examples=100, deadline=None)
-@given(values=hnp.arrays(F32, st.integers(1, 80),
-                         elements=st.floats(-1e6, 1e6, width=32, allow_subnormal=True)),
-       norm_type=P_VALUES)
+@given(
+    values=hnp.arrays(
+        F32, st.integers(1, 80), elements=st.floats(-1e6, 1e6, width=32, allow_subnormal=True)
+    ),
+    norm_type=P_VALUES,
+)
 def test_random_values_per_tensor_norm_match_torch(values: np.ndarray, norm_type: float) -> None:
     expected = F32(torch.linalg.vector_norm(torch.from_numpy(values), norm_type).item())
     assert ulps(tensor_norm(values, norm_type), expected) <= 1

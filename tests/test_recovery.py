@@ -75,6 +75,30 @@ def test_sigkill_of_server_then_of_server_and_store(server_factory, tmp_path):
     assert not (data_dir / PID_FILE).exists()
 
 
+def test_fsync_always_acknowledges_after_the_aof_fsync(server_factory, tmp_path):
+    """OPTSERVE_FSYNC=always: the embedded store fsyncs every write and each commit waits for it
+    (WAITAOF), so even an immediate SIGKILL of both processes loses no acknowledged update."""
+    data_dir = tmp_path / "data"
+    env = {
+        "OPTSERVE_DATA_DIR": str(data_dir),
+        "OPTSERVE_REDIS_URL": None,
+        "OPTSERVE_FSYNC": "always",
+    }
+    server = server_factory(**env)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        sid = create(client, {"name": "adam", "lr": 0.01}, {"w": W0})["id"]
+        for step in range(3):
+            push(client, sid, {"w": grad(step)})
+        before = state(client, sid)
+    server.kill()
+    os.kill(valkey_pid(data_dir), signal.SIGKILL)  # no grace period for an everysec fsync
+    conf = (data_dir / "valkey.conf").read_text()
+    assert "appendfsync always" in conf
+    server = server_factory(**env)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        assert state(client, sid) == before
+
+
 def test_make_run_serves_and_answers_readyz(tmp_path):
     port = free_port()
     env = {**os.environ, "OPTSERVE_DATA_DIR": str(tmp_path / "data")}

@@ -66,52 +66,86 @@ CASES: list[tuple[str, dict[str, Any] | None, float]] = [
     ("cosine-eta-above", {"type": "cosine", "T_max": 13, "eta_min": 0.3}, 0.1),
     ("linear-default", {"type": "linear"}, 0.1),
     ("linear-warmup", {"type": "linear", "start_factor": 0.1, "total_iters": 5}, 0.1),
-    ("linear-decay", {"type": "linear", "start_factor": 1.0, "end_factor": 0.0,
-                      "total_iters": 20}, 0.3),
-    ("linear-mid", {"type": "linear", "start_factor": 0.25, "end_factor": 0.75,
-                    "total_iters": 10}, 1e-3),
+    (
+        "linear-decay",
+        {"type": "linear", "start_factor": 1.0, "end_factor": 0.0, "total_iters": 20},
+        0.3,
+    ),
+    (
+        "linear-mid",
+        {"type": "linear", "start_factor": 0.25, "end_factor": 0.75, "total_iters": 10},
+        1e-3,
+    ),
     ("warmup-cosine", WARMUP_COSINE, 0.1),
-    ("warmup-cosine-long", {
-        "type": "sequence",
-        "schedules": [
-            {"type": "linear", "start_factor": 0.01, "total_iters": 20},
-            {"type": "cosine", "T_max": 280, "eta_min": 1e-5},
-        ],
-        "milestones": [20],
-    }, 3e-4),
-    ("sequence-3", {
-        "type": "sequence",
-        "schedules": [
-            {"type": "linear", "start_factor": 0.1, "total_iters": 5},
-            {"type": "constant", "factor": 0.5, "total_iters": 10},
-            {"type": "cosine", "T_max": 50, "eta_min": 1e-4},
-        ],
-        "milestones": [5, 40],
-    }, 0.1),
-    ("sequence-3-decays", {
-        "type": "sequence",
-        "schedules": [
-            {"type": "exponential", "gamma": 0.95},
-            {"type": "step", "step_size": 3},
-            {"type": "multistep", "milestones": [0, 2, 4], "gamma": 0.5},
-        ],
-        "milestones": [10, 20],
-    }, 0.1),
+    (
+        "warmup-cosine-long",
+        {
+            "type": "sequence",
+            "schedules": [
+                {"type": "linear", "start_factor": 0.01, "total_iters": 20},
+                {"type": "cosine", "T_max": 280, "eta_min": 1e-5},
+            ],
+            "milestones": [20],
+        },
+        3e-4,
+    ),
+    (
+        "sequence-3",
+        {
+            "type": "sequence",
+            "schedules": [
+                {"type": "linear", "start_factor": 0.1, "total_iters": 5},
+                {"type": "constant", "factor": 0.5, "total_iters": 10},
+                {"type": "cosine", "T_max": 50, "eta_min": 1e-4},
+            ],
+            "milestones": [5, 40],
+        },
+        0.1,
+    ),
+    (
+        "sequence-3-decays",
+        {
+            "type": "sequence",
+            "schedules": [
+                {"type": "exponential", "gamma": 0.95},
+                {"type": "step", "step_size": 3},
+                {"type": "multistep", "milestones": [0, 2, 4], "gamma": 0.5},
+            ],
+            "milestones": [10, 20],
+        },
+        0.1,
+    ),
     # The cosine restart is its closed form: 0.03 + (0.3 - 0.03) != 0.3 in float64.
-    ("sequence-cosine-restart", {
-        "type": "sequence",
-        "schedules": [{"type": "step", "step_size": 2}, {"type": "cosine", "T_max": 20,
-                                                         "eta_min": 0.03}],
-        "milestones": [7],
-    }, 0.3),
-    ("sequence-cosine-first", {
-        "type": "sequence",
-        "schedules": [{"type": "cosine", "T_max": 8}, {"type": "linear"}],
-        "milestones": [12],
-    }, 0.1),
-    ("sequence-single", {"type": "sequence", "schedules": [{"type": "exponential",
-                                                            "gamma": 0.98}],
-                         "milestones": []}, 0.1),
+    (
+        "sequence-cosine-restart",
+        {
+            "type": "sequence",
+            "schedules": [
+                {"type": "step", "step_size": 2},
+                {"type": "cosine", "T_max": 20, "eta_min": 0.03},
+            ],
+            "milestones": [7],
+        },
+        0.3,
+    ),
+    (
+        "sequence-cosine-first",
+        {
+            "type": "sequence",
+            "schedules": [{"type": "cosine", "T_max": 8}, {"type": "linear"}],
+            "milestones": [12],
+        },
+        0.1,
+    ),
+    (
+        "sequence-single",
+        {
+            "type": "sequence",
+            "schedules": [{"type": "exponential", "gamma": 0.98}],
+            "milestones": [],
+        },
+        0.1,
+    ),
 ]
 
 
@@ -186,8 +220,9 @@ def compare(ours: list[float], theirs: list[float]) -> int:
 @pytest.mark.parametrize(("spec", "base_lr"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_matches_torch_for_300_epochs(spec: dict[str, Any] | None, base_lr: float) -> None:
     schedule = make_schedule(spec)
-    exact = compare(our_lrs(schedule, schedule.start(base_lr), EPOCHS),
-                    torch_lrs(spec, base_lr, EPOCHS))
+    exact = compare(
+        our_lrs(schedule, schedule.start(base_lr), EPOCHS), torch_lrs(spec, base_lr, EPOCHS)
+    )
     assert exact == EPOCHS, f"only {exact}/{EPOCHS} lrs bit-identical"
 
 
@@ -196,8 +231,9 @@ def test_exact_equality_rate_over_all_cases(capsys: pytest.CaptureFixture[str]) 
     exact = total = 0
     for _, spec, base_lr in CASES:
         schedule = make_schedule(spec)
-        exact += compare(our_lrs(schedule, schedule.start(base_lr), EPOCHS),
-                         torch_lrs(spec, base_lr, EPOCHS))
+        exact += compare(
+            our_lrs(schedule, schedule.start(base_lr), EPOCHS), torch_lrs(spec, base_lr, EPOCHS)
+        )
         total += EPOCHS
     with capsys.disabled():
         print(f"\nschedules: {exact}/{total} lrs bit-identical to torch ({exact / total:.2%})")
@@ -225,8 +261,17 @@ def test_cosine_keeps_following_the_cosine_past_t_max() -> None:
 # state: serialisation, user-set lr, O(1) advance
 
 
-@pytest.mark.parametrize("case", ["cosine-odd", "warmup-cosine", "sequence-3", "multistep-dup",
-                                  "linear-decay", "sequence-3-decays"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "cosine-odd",
+        "warmup-cosine",
+        "sequence-3",
+        "multistep-dup",
+        "linear-decay",
+        "sequence-3-decays",
+    ],
+)
 @pytest.mark.parametrize("stop", [0, 3, 5, 38, 40, 41, 137])
 def test_state_round_trips_mid_run(case: str, stop: int) -> None:
     _, spec, base_lr = next(c for c in CASES if c[0] == case)
@@ -242,8 +287,19 @@ def test_state_round_trips_mid_run(case: str, stop: int) -> None:
     assert our_lrs(resumed, restored, 120) == full[stop:]
 
 
-@pytest.mark.parametrize("case", ["exponential", "cosine-eta", "step", "linear-warmup",
-                                  "constant", "warmup-cosine", "sequence-3", "none"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "exponential",
+        "cosine-eta",
+        "step",
+        "linear-warmup",
+        "constant",
+        "warmup-cosine",
+        "sequence-3",
+        "none",
+    ],
+)
 @pytest.mark.parametrize("at", [0, 2, 4, 5, 39, 40, 60])
 def test_with_lr_mid_run_matches_torch_group_lr(case: str, at: int) -> None:
     """torch is chainable: after `group['lr'] = x` the next steps rescale x."""
@@ -263,13 +319,16 @@ def test_with_lr_mid_run_matches_torch_group_lr(case: str, at: int) -> None:
     assert ours == theirs
 
 
-@pytest.mark.parametrize("spec", [
-    {"type": "cosine", "T_max": 977, "eta_min": 1e-5},
-    {"type": "exponential", "gamma": 0.999999},
-    {"type": "step", "step_size": 1000},
-    {"type": "linear", "start_factor": 0.5, "total_iters": 3},
-    {"type": "multistep", "milestones": [10**9 + 7, 10**9 + 7, 10**9 + 20]},
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"type": "cosine", "T_max": 977, "eta_min": 1e-5},
+        {"type": "exponential", "gamma": 0.999999},
+        {"type": "step", "step_size": 1000},
+        {"type": "linear", "start_factor": 0.5, "total_iters": 3},
+        {"type": "multistep", "milestones": [10**9 + 7, 10**9 + 7, 10**9 + 20]},
+    ],
+)
 def test_advance_from_a_late_epoch_matches_torch(spec: dict[str, Any]) -> None:
     """advance() reads only the state, so resuming at epoch 1e9 costs nothing and stays exact."""
     epoch, lr = 10**9, 0.0042
@@ -310,22 +369,35 @@ def test_none_schedule_never_changes_lr() -> None:
 
 def test_to_json_fills_torch_defaults() -> None:
     assert make_schedule({"type": "linear"}).to_json() == {
-        "type": "linear", "start_factor": 1 / 3, "end_factor": 1.0, "total_iters": 5,
+        "type": "linear",
+        "start_factor": 1 / 3,
+        "end_factor": 1.0,
+        "total_iters": 5,
     }
     assert make_schedule({"type": "constant"}).to_json() == {
-        "type": "constant", "factor": 1 / 3, "total_iters": 5,
+        "type": "constant",
+        "factor": 1 / 3,
+        "total_iters": 5,
     }
     assert make_schedule({"type": "step", "step_size": 3}).to_json() == {
-        "type": "step", "step_size": 3, "gamma": 0.1,
+        "type": "step",
+        "step_size": 3,
+        "gamma": 0.1,
     }
     assert make_schedule({"type": "multistep", "milestones": [9, 2, 9]}).to_json() == {
-        "type": "multistep", "milestones": [2, 9, 9], "gamma": 0.1,
+        "type": "multistep",
+        "milestones": [2, 9, 9],
+        "gamma": 0.1,
     }
     assert make_schedule({"type": "cosine", "T_max": 4}).to_json() == {
-        "type": "cosine", "T_max": 4, "eta_min": 0.0,
+        "type": "cosine",
+        "T_max": 4,
+        "eta_min": 0.0,
     }
     assert make_schedule(WARMUP_COSINE).to_json()["schedules"][1] == {
-        "type": "cosine", "T_max": 10, "eta_min": 0.0,
+        "type": "cosine",
+        "T_max": 10,
+        "eta_min": 0.0,
     }
 
 
@@ -333,53 +405,91 @@ def test_to_json_fills_torch_defaults() -> None:
 # validation
 
 
-@pytest.mark.parametrize(("spec", "field"), [
-    ({}, "lr_schedule.type"),
-    ({"type": "warmup"}, "lr_schedule.type"),
-    ({"type": "step"}, "lr_schedule.step_size"),
-    ({"type": "step", "step_size": 0}, "lr_schedule.step_size"),
-    ({"type": "step", "step_size": 2.0}, "lr_schedule.step_size"),
-    ({"type": "step", "step_size": True}, "lr_schedule.step_size"),
-    ({"type": "step", "step_size": 2, "gamma": -0.1}, "lr_schedule.gamma"),
-    ({"type": "step", "step_size": 2, "gamma": math.nan}, "lr_schedule.gamma"),
-    ({"type": "step", "step_size": 2, "gama": 0.5}, "lr_schedule.gama"),
-    ({"type": "exponential"}, "lr_schedule.gamma"),
-    ({"type": "exponential", "gamma": "0.9"}, "lr_schedule.gamma"),
-    ({"type": "exponential", "gamma": math.inf}, "lr_schedule.gamma"),
-    ({"type": "multistep", "milestones": [3, -1]}, "lr_schedule.milestones"),
-    ({"type": "multistep", "milestones": 3}, "lr_schedule.milestones"),
-    ({"type": "multistep"}, "lr_schedule.milestones"),
-    ({"type": "cosine", "T_max": 0}, "lr_schedule.T_max"),
-    ({"type": "cosine", "T_max": 10, "eta_min": -1e-3}, "lr_schedule.eta_min"),
-    ({"type": "cosine", "T_max": 2**60}, "lr_schedule.T_max"),
-    ({"type": "linear", "start_factor": 0.0}, "lr_schedule.start_factor"),
-    ({"type": "linear", "start_factor": 1.5}, "lr_schedule.start_factor"),
-    ({"type": "linear", "end_factor": 1.01}, "lr_schedule.end_factor"),
-    ({"type": "linear", "total_iters": 0}, "lr_schedule.total_iters"),
-    ({"type": "constant", "factor": 0}, "lr_schedule.factor"),
-    ({"type": "constant", "factor": 2}, "lr_schedule.factor"),
-    ({"type": "constant", "factor": 1e-310}, "lr_schedule.factor"),
-    ({"type": "constant", "total_iters": -1}, "lr_schedule.total_iters"),
-    ({"type": "none", "gamma": 0.5}, "lr_schedule.gamma"),
-    ({"type": "sequence", "schedules": [], "milestones": []}, "lr_schedule.schedules"),
-    ({"type": "sequence", "schedules": [{"type": "linear"}, {"type": "cosine", "T_max": 5}],
-      "milestones": []}, "lr_schedule.milestones"),
-    ({"type": "sequence", "schedules": [{"type": "linear"}, {"type": "linear"},
-                                        {"type": "linear"}], "milestones": [5, 5]},
-     "lr_schedule.milestones"),
-    ({"type": "sequence", "schedules": [{"type": "linear"}, {"type": "linear"}],
-      "milestones": [0]}, "lr_schedule.milestones"),
-    ({"type": "sequence", "schedules": [{"type": "linear"}, {"type": "sequence"}],
-      "milestones": [3]}, "lr_schedule.schedules[1].type"),
-    ({"type": "sequence", "schedules": [{"type": "none"}], "milestones": []},
-     "lr_schedule.schedules[0].type"),
-    ({"type": "sequence", "schedules": [{"type": "linear"}, {"type": "cosine"}],
-      "milestones": [3]}, "lr_schedule.schedules[1].T_max"),
-    ({"type": "sequence", "schedules": [{"type": "linear"}, 7], "milestones": [3]},
-     "lr_schedule.schedules[1]"),
-    ({"type": "sequence", "schedules": [{"type": "linear"}], "milestones": [], "x": 1},
-     "lr_schedule.x"),
-])
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({}, "lr_schedule.type"),
+        ({"type": "warmup"}, "lr_schedule.type"),
+        ({"type": "step"}, "lr_schedule.step_size"),
+        ({"type": "step", "step_size": 0}, "lr_schedule.step_size"),
+        ({"type": "step", "step_size": 2.0}, "lr_schedule.step_size"),
+        ({"type": "step", "step_size": True}, "lr_schedule.step_size"),
+        ({"type": "step", "step_size": 2, "gamma": -0.1}, "lr_schedule.gamma"),
+        ({"type": "step", "step_size": 2, "gamma": math.nan}, "lr_schedule.gamma"),
+        ({"type": "step", "step_size": 2, "gama": 0.5}, "lr_schedule.gama"),
+        ({"type": "exponential"}, "lr_schedule.gamma"),
+        ({"type": "exponential", "gamma": "0.9"}, "lr_schedule.gamma"),
+        ({"type": "exponential", "gamma": math.inf}, "lr_schedule.gamma"),
+        ({"type": "multistep", "milestones": [3, -1]}, "lr_schedule.milestones"),
+        ({"type": "multistep", "milestones": 3}, "lr_schedule.milestones"),
+        ({"type": "multistep"}, "lr_schedule.milestones"),
+        ({"type": "cosine", "T_max": 0}, "lr_schedule.T_max"),
+        ({"type": "cosine", "T_max": 10, "eta_min": -1e-3}, "lr_schedule.eta_min"),
+        ({"type": "cosine", "T_max": 2**60}, "lr_schedule.T_max"),
+        ({"type": "linear", "start_factor": 0.0}, "lr_schedule.start_factor"),
+        ({"type": "linear", "start_factor": 1.5}, "lr_schedule.start_factor"),
+        ({"type": "linear", "end_factor": 1.01}, "lr_schedule.end_factor"),
+        ({"type": "linear", "total_iters": 0}, "lr_schedule.total_iters"),
+        ({"type": "constant", "factor": 0}, "lr_schedule.factor"),
+        ({"type": "constant", "factor": 2}, "lr_schedule.factor"),
+        ({"type": "constant", "factor": 1e-310}, "lr_schedule.factor"),
+        ({"type": "constant", "total_iters": -1}, "lr_schedule.total_iters"),
+        ({"type": "none", "gamma": 0.5}, "lr_schedule.gamma"),
+        ({"type": "sequence", "schedules": [], "milestones": []}, "lr_schedule.schedules"),
+        (
+            {
+                "type": "sequence",
+                "schedules": [{"type": "linear"}, {"type": "cosine", "T_max": 5}],
+                "milestones": [],
+            },
+            "lr_schedule.milestones",
+        ),
+        (
+            {
+                "type": "sequence",
+                "schedules": [{"type": "linear"}, {"type": "linear"}, {"type": "linear"}],
+                "milestones": [5, 5],
+            },
+            "lr_schedule.milestones",
+        ),
+        (
+            {
+                "type": "sequence",
+                "schedules": [{"type": "linear"}, {"type": "linear"}],
+                "milestones": [0],
+            },
+            "lr_schedule.milestones",
+        ),
+        (
+            {
+                "type": "sequence",
+                "schedules": [{"type": "linear"}, {"type": "sequence"}],
+                "milestones": [3],
+            },
+            "lr_schedule.schedules[1].type",
+        ),
+        (
+            {"type": "sequence", "schedules": [{"type": "none"}], "milestones": []},
+            "lr_schedule.schedules[0].type",
+        ),
+        (
+            {
+                "type": "sequence",
+                "schedules": [{"type": "linear"}, {"type": "cosine"}],
+                "milestones": [3],
+            },
+            "lr_schedule.schedules[1].T_max",
+        ),
+        (
+            {"type": "sequence", "schedules": [{"type": "linear"}, 7], "milestones": [3]},
+            "lr_schedule.schedules[1]",
+        ),
+        (
+            {"type": "sequence", "schedules": [{"type": "linear"}], "milestones": [], "x": 1},
+            "lr_schedule.x",
+        ),
+    ],
+)
 def test_invalid_specs_name_the_field(spec: dict[str, Any], field: str) -> None:
     with pytest.raises(HyperparameterError) as info:
         make_schedule(spec)
@@ -403,13 +513,16 @@ def test_invalid_lr_is_rejected(lr: Any) -> None:
         schedule.start(0.1).with_lr(lr)
 
 
-@pytest.mark.parametrize(("data", "field"), [
-    ({"last_epoch": -1, "lr": 0.1, "base_lr": 0.1}, "lr_schedule_state.last_epoch"),
-    ({"last_epoch": 1.0, "lr": 0.1, "base_lr": 0.1}, "lr_schedule_state.last_epoch"),
-    ({"last_epoch": 1, "lr": None, "base_lr": 0.1}, "lr_schedule_state.lr"),
-    ({"last_epoch": 1, "lr": 0.1}, "lr_schedule_state.base_lr"),
-    ({"last_epoch": 1, "lr": 0.1, "base_lr": 0.1, "phase": 0}, "lr_schedule_state.phase"),
-])
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"last_epoch": -1, "lr": 0.1, "base_lr": 0.1}, "lr_schedule_state.last_epoch"),
+        ({"last_epoch": 1.0, "lr": 0.1, "base_lr": 0.1}, "lr_schedule_state.last_epoch"),
+        ({"last_epoch": 1, "lr": None, "base_lr": 0.1}, "lr_schedule_state.lr"),
+        ({"last_epoch": 1, "lr": 0.1}, "lr_schedule_state.base_lr"),
+        ({"last_epoch": 1, "lr": 0.1, "base_lr": 0.1, "phase": 0}, "lr_schedule_state.phase"),
+    ],
+)
 def test_invalid_state_dicts_are_rejected(data: dict[str, Any], field: str) -> None:
     with pytest.raises(HyperparameterError) as info:
         ScheduleState.from_dict(data)
@@ -424,29 +537,39 @@ GAMMAS = st.floats(min_value=0.0, max_value=1.2)
 BASE_LRS = st.floats(min_value=1e-6, max_value=10.0)
 
 SINGLE = st.one_of(
-    st.fixed_dictionaries({"type": st.just("constant")},
-                          optional={"factor": FACTORS,
-                                    "total_iters": st.integers(0, 30)}),
-    st.fixed_dictionaries({"type": st.just("step"), "step_size": st.integers(1, 30)},
-                          optional={"gamma": GAMMAS}),
-    st.fixed_dictionaries({"type": st.just("multistep"),
-                           "milestones": st.lists(st.integers(0, 60), max_size=6)},
-                          optional={"gamma": GAMMAS}),
+    st.fixed_dictionaries(
+        {"type": st.just("constant")},
+        optional={"factor": FACTORS, "total_iters": st.integers(0, 30)},
+    ),
+    st.fixed_dictionaries(
+        {"type": st.just("step"), "step_size": st.integers(1, 30)}, optional={"gamma": GAMMAS}
+    ),
+    st.fixed_dictionaries(
+        {"type": st.just("multistep"), "milestones": st.lists(st.integers(0, 60), max_size=6)},
+        optional={"gamma": GAMMAS},
+    ),
     st.fixed_dictionaries({"type": st.just("exponential"), "gamma": GAMMAS}),
-    st.fixed_dictionaries({"type": st.just("cosine"), "T_max": st.integers(1, 60)},
-                          optional={"eta_min": st.floats(min_value=0.0, max_value=0.5)}),
-    st.fixed_dictionaries({"type": st.just("linear")},
-                          optional={"start_factor": FACTORS,
-                                    "end_factor": st.floats(min_value=0.0, max_value=1.0),
-                                    "total_iters": st.integers(1, 30)}),
+    st.fixed_dictionaries(
+        {"type": st.just("cosine"), "T_max": st.integers(1, 60)},
+        optional={"eta_min": st.floats(min_value=0.0, max_value=0.5)},
+    ),
+    st.fixed_dictionaries(
+        {"type": st.just("linear")},
+        optional={
+            "start_factor": FACTORS,
+            "end_factor": st.floats(min_value=0.0, max_value=1.0),
+            "total_iters": st.integers(1, 30),
+        },
+    ),
 )
 
 
 @st.composite
 def sequences(draw: st.DrawFn) -> dict[str, Any]:
     schedules = draw(st.lists(SINGLE, min_size=1, max_size=4))
-    milestones = sorted(draw(st.sets(st.integers(1, 90), min_size=len(schedules) - 1,
-                                     max_size=len(schedules) - 1)))
+    milestones = sorted(
+        draw(st.sets(st.integers(1, 90), min_size=len(schedules) - 1, max_size=len(schedules) - 1))
+    )
     return {"type": "sequence", "schedules": schedules, "milestones": milestones}
 
 
@@ -466,8 +589,12 @@ def test_random_sequences_match_torch(spec: dict[str, Any], base_lr: float) -> N
 
 
 @settings(max_examples=60, deadline=None)
-@given(spec=st.one_of(SINGLE, sequences()), base_lr=BASE_LRS, stop=st.integers(0, 100),
-       new_lr=st.floats(min_value=0.0, max_value=1.0))
+@given(
+    spec=st.one_of(SINGLE, sequences()),
+    base_lr=BASE_LRS,
+    stop=st.integers(0, 100),
+    new_lr=st.floats(min_value=0.0, max_value=1.0),
+)
 def test_random_with_lr_and_resume_match_torch(
     spec: dict[str, Any], base_lr: float, stop: int, new_lr: float
 ) -> None:

@@ -126,6 +126,7 @@ class SessionService:
         params: Mapping[str, np.ndarray],
     ) -> dict[str, Any]:
         """Create a session from the request's fields and its initial `params` tensors."""
+        _reject_non_finite(params, "initial params")
         declared = fields.get("tensors") or {}
         if not isinstance(declared, Mapping):
             raise invalid_session('"tensors" must map names to {"shape": [...]}')
@@ -257,6 +258,7 @@ class SessionService:
             snap = await self._meta(sid)
             config = self.config_of(snap)
             self._check_known(config, params)
+            _reject_non_finite(params, "params")
             if if_match is not None and if_match != snap.version:
                 raise EngineError(
                     "precondition_failed",
@@ -478,3 +480,12 @@ class SessionService:
             name: array_from_bytes(snap.arrays[(name, "param")], config.tensors[name])
             for name in names
         }
+
+
+def _reject_non_finite(arrays: Mapping[str, np.ndarray], what: str) -> None:
+    """Parameters must be finite: a NaN would poison every later step of every worker."""
+    bad = find_non_finite(arrays)
+    if bad:
+        raise EngineError(
+            "non_finite", f"non-finite values (NaN or inf) in {what}: {', '.join(bad)}", tensors=bad
+        )
