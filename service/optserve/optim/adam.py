@@ -10,14 +10,13 @@ from .hyperparams import NON_NEGATIVE, UNIT_INTERVAL, Flag, Hyperparameter, Pair
 from .kernels import (
     F32,
     KERNEL,
+    adam_moments,
     addcdiv,
-    addcmul,
     flat,
-    grad_term,
     increment_step,
     launch,
-    lerp,
     maximum,
+    moment_scalars,
 )
 
 
@@ -42,12 +41,21 @@ def _kernel(
     neg_step_size,
 ):
     for i in range(p.shape[0]):
-        param = F32(p[i] * decay) if decoupled else p[i]
-        d = grad_term(g[i], param, maximize, l2, wd)
-        mi = lerp(m[i], d, one_minus_beta1)
-        m[i] = mi
-        vi = addcmul(F32(v[i] * beta2), d, d, one_minus_beta2)
-        v[i] = vi
+        param, _, mi, vi = adam_moments(
+            i,
+            p,
+            g,
+            m,
+            v,
+            maximize,
+            l2,
+            wd,
+            decoupled,
+            decay,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+        )
         if amsgrad:
             vi = maximum(vmax[i], vi)  # the max of the raw v, bias-corrected afterwards
             vmax[i] = vi
@@ -76,7 +84,6 @@ def step_adam(
 ) -> None:
     """One Adam step of one tensor; `decoupled` selects AdamW's multiplicative decay."""
     beta1, beta2 = hp["betas"]
-    wd = hp["weight_decay"]
     step = increment_step(state["step"])
     state["step"] = step
     t = float(step)
@@ -92,14 +99,7 @@ def step_adam(
             flat(state["exp_avg_sq"]),
             flat(state.get("max_exp_avg_sq")),
         ),
-        hp["maximize"],
-        wd != 0 and not decoupled,
-        F32(wd),
-        wd != 0 and decoupled,
-        F32(1 - lr * wd),
-        F32(1 - beta1),
-        F32(beta2),
-        F32(1 - beta2),
+        *moment_scalars(hp, lr, decoupled),
         hp["amsgrad"],
         F32(bias_correction2_sqrt),
         F32(hp["eps"]),
@@ -119,18 +119,21 @@ def update_adamw(
     step_adam(param, grad, state, hp, lr, decoupled=True)
 
 
-_COMMON = (
-    Hyperparameter("lr", 1e-3, NON_NEGATIVE),
-    Hyperparameter("betas", (0.9, 0.999), Pair(UNIT_INTERVAL)),
-    Hyperparameter("eps", 1e-8, NON_NEGATIVE),
-)
+def adam_family_spec(lr: float, weight_decay: float = 0.0) -> tuple[Hyperparameter, ...]:
+    """lr, betas, eps and weight_decay as torch's Adam-family constructors declare them."""
+    return (
+        Hyperparameter("lr", lr, NON_NEGATIVE),
+        Hyperparameter("betas", (0.9, 0.999), Pair(UNIT_INTERVAL)),
+        Hyperparameter("eps", 1e-8, NON_NEGATIVE),
+        Hyperparameter("weight_decay", weight_decay, NON_NEGATIVE),
+    )
+
 
 ADAM = register(
     Algorithm(
         name="adam",
         spec=(
-            *_COMMON,
-            Hyperparameter("weight_decay", 0.0, NON_NEGATIVE),
+            *adam_family_spec(lr=1e-3),
             Hyperparameter("amsgrad", False, Flag()),
             Hyperparameter("maximize", False, Flag()),
             Hyperparameter("decoupled_weight_decay", False, Flag()),
@@ -144,8 +147,7 @@ ADAMW = register(
     Algorithm(
         name="adamw",
         spec=(
-            *_COMMON,
-            Hyperparameter("weight_decay", 1e-2, NON_NEGATIVE),
+            *adam_family_spec(lr=1e-3, weight_decay=1e-2),
             Hyperparameter("amsgrad", False, Flag()),
             Hyperparameter("maximize", False, Flag()),
         ),

@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .adam import adam_family_spec
 from .base import Algorithm, Hyperparameters, TensorState, register, zeros_like
-from .hyperparams import NON_NEGATIVE, UNIT_INTERVAL, Flag, Hyperparameter, Pair
-from .kernels import F32, KERNEL, addcdiv, addcmul, grad_term, increment_step, launch, lerp
+from .hyperparams import NON_NEGATIVE, Flag, Hyperparameter
+from .kernels import F32, KERNEL, adam_moments, addcdiv, increment_step, launch, moment_scalars
 
 
 @njit(**KERNEL)
@@ -32,12 +33,21 @@ def _kernel(
     avg_value,
 ):
     for i in range(p.shape[0]):
-        param = F32(p[i] * decay) if decoupled else p[i]
-        d = grad_term(g[i], param, maximize, l2, wd)
-        mi = lerp(m[i], d, one_minus_beta1)
-        m[i] = mi
-        vi = addcmul(F32(v[i] * beta2), d, d, one_minus_beta2)
-        v[i] = vi
+        param, d, mi, vi = adam_moments(
+            i,
+            p,
+            g,
+            m,
+            v,
+            maximize,
+            l2,
+            wd,
+            decoupled,
+            decay,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+        )
         denom = F32(np.sqrt(F32(vi / bias_correction2))) + eps  # divided inside the root
         param = addcdiv(param, d, denom, grad_value)
         p[i] = addcdiv(param, mi, denom, avg_value)
@@ -56,7 +66,7 @@ def update(
     param: np.ndarray, grad: np.ndarray, state: TensorState, hp: Hyperparameters, lr: float
 ) -> None:
     beta1, beta2 = hp["betas"]
-    wd, psi, decoupled = hp["weight_decay"], hp["momentum_decay"], hp["decoupled_weight_decay"]
+    psi = hp["momentum_decay"]
     step = increment_step(state["step"])
     state["step"] = step
     t = float(step)
@@ -74,14 +84,7 @@ def update(
             state["exp_avg"].reshape(-1),
             state["exp_avg_sq"].reshape(-1),
         ),
-        hp["maximize"],
-        wd != 0 and not decoupled,
-        F32(wd),
-        wd != 0 and decoupled,
-        F32(1 - lr * wd),
-        F32(1 - beta1),
-        F32(beta2),
-        F32(1 - beta2),
+        *moment_scalars(hp, lr, hp["decoupled_weight_decay"]),
         F32(1 - beta2**t),
         F32(hp["eps"]),
         F32(grad_value),
@@ -93,10 +96,7 @@ NADAM = register(
     Algorithm(
         name="nadam",
         spec=(
-            Hyperparameter("lr", 2e-3, NON_NEGATIVE),
-            Hyperparameter("betas", (0.9, 0.999), Pair(UNIT_INTERVAL)),
-            Hyperparameter("eps", 1e-8, NON_NEGATIVE),
-            Hyperparameter("weight_decay", 0.0, NON_NEGATIVE),
+            *adam_family_spec(lr=2e-3),
             Hyperparameter("momentum_decay", 4e-3, NON_NEGATIVE),
             Hyperparameter("decoupled_weight_decay", False, Flag()),
             Hyperparameter("maximize", False, Flag()),

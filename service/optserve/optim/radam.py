@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .adam import adam_family_spec
 from .base import Algorithm, Hyperparameters, TensorState, register, zeros_like
-from .hyperparams import NON_NEGATIVE, UNIT_INTERVAL, Flag, Hyperparameter, Pair
-from .kernels import F32, KERNEL, addcmul, fma, grad_term, increment_step, launch, lerp
+from .hyperparams import Flag, Hyperparameter
+from .kernels import F32, KERNEL, adam_moments, fma, increment_step, launch, moment_scalars
 
 
 @njit(**KERNEL)
@@ -32,12 +33,21 @@ def _kernel(
     rect,
 ):
     for i in range(p.shape[0]):
-        param = F32(p[i] * decay) if decoupled else p[i]
-        d = grad_term(g[i], param, maximize, l2, wd)
-        mi = lerp(m[i], d, one_minus_beta1)
-        m[i] = mi
-        vi = addcmul(F32(v[i] * beta2), d, d, one_minus_beta2)
-        v[i] = vi
+        param, _, mi, vi = adam_moments(
+            i,
+            p,
+            g,
+            m,
+            v,
+            maximize,
+            l2,
+            wd,
+            decoupled,
+            decay,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+        )
         step = F32(F32(mi / bias_correction1) * lr)
         if rectified:
             # sqrt(bc2) / (sqrt(v) + eps) is torch's __rdiv__: a reciprocal, then a scale.
@@ -54,7 +64,6 @@ def update(
     param: np.ndarray, grad: np.ndarray, state: TensorState, hp: Hyperparameters, lr: float
 ) -> None:
     beta1, beta2 = hp["betas"]
-    wd, decoupled = hp["weight_decay"], hp["decoupled_weight_decay"]
     step = increment_step(state["step"])
     state["step"] = step
     t = float(step)
@@ -75,14 +84,7 @@ def update(
             state["exp_avg"].reshape(-1),
             state["exp_avg_sq"].reshape(-1),
         ),
-        hp["maximize"],
-        wd != 0 and not decoupled,
-        F32(wd),
-        wd != 0 and decoupled,
-        F32(1 - lr * wd),
-        F32(1 - beta1),
-        F32(beta2),
-        F32(1 - beta2),
+        *moment_scalars(hp, lr, hp["decoupled_weight_decay"]),
         F32(1 - beta1**t),
         F32(lr),
         rectified,
@@ -96,10 +98,7 @@ RADAM = register(
     Algorithm(
         name="radam",
         spec=(
-            Hyperparameter("lr", 1e-3, NON_NEGATIVE),
-            Hyperparameter("betas", (0.9, 0.999), Pair(UNIT_INTERVAL)),
-            Hyperparameter("eps", 1e-8, NON_NEGATIVE),
-            Hyperparameter("weight_decay", 0.0, NON_NEGATIVE),
+            *adam_family_spec(lr=1e-3),
             Hyperparameter("decoupled_weight_decay", False, Flag()),
             Hyperparameter("maximize", False, Flag()),
         ),
