@@ -1,0 +1,192 @@
+"""The synchronous client: `_base` builds and reads every call, this module only sends them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+
+from ._base import (
+    LIST_PAGE,
+    UNSET,
+    BaseClient,
+    BaseSession,
+    Call,
+    Returning,
+    Shape,
+    _Unset,
+)
+from .errors import OptservError
+
+__all__ = ["Client", "Session"]
+
+T = TypeVar("T")
+
+
+class Client(BaseClient):
+    """A connection to one optserve server.
+
+    `codec="safetensors"` (default) moves tensors as raw float32 bytes both ways, about 5x
+    smaller than JSON and with NaN/inf intact; `codec="json"` is for debugging or proxies that
+    only pass JSON. Every failure raises OptservError. Use as a context manager, or call close().
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float | None = 60.0,
+        codec: str = "safetensors",
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(url, api_key, timeout=timeout, codec=codec)
+        self._http = httpx.Client(transport=transport, timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release pooled connections."""
+        self._http.close()
+
+    def _run(self, call: Call[T]) -> T:
+        """The only I/O: send one built request, map failures to OptservError."""
+        try:
+            response = self._http.send(call.request)
+        except httpx.RequestError as exc:
+            raise OptservError.from_transport(exc) from exc
+        return self._finish(call, response)
+
+    def create_session(
+        self,
+        optimizer: str | Mapping[str, Any],
+        params: Mapping[str, np.ndarray] | None = None,
+        *,
+        tensors: Mapping[str, Shape] | None = None,
+        lr_schedule: Mapping[str, Any] | None = None,
+        clip_grad_norm: float | None = None,
+        nonfinite: str = "reject",
+        name: str | None = None,
+        **hyperparameters: Any,
+    ) -> Session:
+        """Create a session and return a handle on it.
+
+        `optimizer` is torch's name ("adam") with hyperparameters as keywords, or the whole
+        `{"name": "adam", "lr": 1e-3}` object; `params` are initial values (cast to float32),
+        `tensors` names zero-initialised tensors by shape, so large ones need not be uploaded.
+        """
+        call = self._create_call(
+            optimizer, params, tensors=tensors, lr_schedule=lr_schedule,
+            clip_grad_norm=clip_grad_norm, nonfinite=nonfinite, name=name,
+            hyperparameters=hyperparameters,
+        )  # fmt: skip
+        info = self._run(call)
+        return Session(self, info["id"], int(info["version"]))
+
+    def session(self, sid: str) -> Session:
+        """Join an existing session (one GET, so a wrong id fails here, not at the first push)."""
+        info = self._run(self._session_call(sid))
+        return Session(self, info["id"], int(info["version"]))
+
+    def list_sessions(self, *, offset: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        """Session descriptions; `limit=None` walks every page the server has."""
+        if limit is not None:
+            return self._run(self._list_call(offset, limit))
+        sessions: list[dict[str, Any]] = []
+        while True:
+            page = self._run(self._list_call(offset + len(sessions), LIST_PAGE))
+            sessions.extend(page)
+            if len(page) < LIST_PAGE:
+                return sessions
+
+
+class Session(BaseSession):
+    """One training session on the server; `version` is the last version this handle saw."""
+
+    _client: Client
+
+    def info(self) -> dict[str, Any]:
+        """The session as the server has it now: version, every hyperparameter, tensors, lr."""
+        return self._client._run(self._info_call())
+
+    def update(
+        self,
+        *,
+        clip_grad_norm: float | _Unset | None = UNSET,
+        nonfinite: str | _Unset = UNSET,
+        name: str | _Unset | None = UNSET,
+        **hyperparameters: Any,
+    ) -> dict[str, Any]:
+        """Change hyperparameters in flight (`update(lr=1e-4)`); returns the session info.
+
+        `clip_grad_norm=None` turns clipping off and `name=None` clears the name, so leaving
+        a keyword out is what keeps it unchanged.
+        """
+        call = self._update_call(
+            clip_grad_norm=clip_grad_norm, nonfinite=nonfinite, name=name,
+            hyperparameters=hyperparameters,
+        )  # fmt: skip
+        return self._client._run(call)
+
+    def delete(self) -> None:
+        """Delete the session and all of its state on the server."""
+        self._client._run(self._delete_call())
+
+    def push(
+        self,
+        grads: Mapping[str, np.ndarray],
+        *,
+        base_version: int | None = None,
+        worker: str | None = None,
+        returning: Returning = "all",
+    ) -> dict[str, np.ndarray]:
+        """One optimizer step with these gradients; returns the updated params.
+
+        Tensors left out are skipped, as torch skips grad=None. `returning="pushed"` sends back
+        only the pushed tensors, `"none"` nothing. The full answer (applied, skipped,
+        total_norm) is in `last_push`.
+        """
+        call = self._push_call(grads, base_version=base_version, worker=worker, returning=returning)
+        return self._client._run(call).params
+
+    def pull(
+        self,
+        names: str | Iterable[str] | None = None,
+        *,
+        after_version: int | None = None,
+        wait_s: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Current params (all, or `names`).
+
+        With `wait_s`, a long poll: the server answers once the version passes `after_version`
+        (default: the last version this handle saw) or when `wait_s` is up.
+        """
+        call = self._pull_call(names, after_version=after_version, wait_s=wait_s)
+        return self._client._run(call).params
+
+    def put_params(self, params: Mapping[str, np.ndarray], *, if_match: int | None = None) -> int:
+        """Replace parameter values (optimizer state untouched); returns the new version.
+
+        `if_match=version` makes it conditional: OptservError 412 if the session moved on.
+        """
+        return self._client._run(self._put_params_call(params, if_match=if_match))
+
+    def state(self) -> dict[str, Any]:
+        """The full optimizer state (a checkpoint), with numpy arrays and float scalars."""
+        return self._client._run(self._state_call())
+
+    def load_state(self, document: Mapping[str, Any], *, if_match: int | None = None) -> int:
+        """Restore a `state()` document (from this or another session); returns the version."""
+        return self._client._run(self._load_state_call(document, if_match=if_match))
