@@ -181,6 +181,12 @@ def test_rest_results_equal_the_optimizer_core(client, name, options):
                 np.testing.assert_array_equal(from_json(exported[tensor_name][key]), value)
 
 
+def test_scalar_tensors_push_like_any_other(client):
+    sid = create(client, {"name": "sgd", "lr": 0.5}, {"s": np.float32(2.0).reshape(())})["id"]
+    result = push(client, sid, {"s": np.float32(1.0).reshape(())})
+    assert result["params"]["s"] == {"shape": [], "data": [1.5]}
+
+
 def test_lr_schedule_and_clipping_through_the_api(client):
     schedule = {"type": "step", "step_size": 2, "gamma": 0.5}
     sid = create(
@@ -299,6 +305,9 @@ def test_state_import_is_validated_and_changes_nothing(client):
     assert_problem(client.put(f"/v1/sessions/{sid}/state", json=doc), 422, "shape_mismatch")
     doc = client.get(f"/v1/sessions/{sid}/state").json()
     doc["optimizer"] = {"name": "sgd"}
+    assert_problem(client.put(f"/v1/sessions/{sid}/state", json=doc), 422, "invalid_state")
+    doc = client.get(f"/v1/sessions/{sid}/state").json()
+    doc["lr_schedule"] = {"type": "exponential", "gamma": 0.5}
     assert_problem(client.put(f"/v1/sessions/{sid}/state", json=doc), 422, "invalid_state")
     assert state(client, sid) == before
 

@@ -198,6 +198,11 @@ def test_stale_if_match_is_412_and_changes_nothing(client, sid):
         ),
         ({"optimizer": {"name": "adam"}, "tensors": {"e": {"shape": [2, "x"]}}}, "invalid_session"),
         ({"optimizer": {"name": "adam"}, "params": {"a b": tensor(W0)}}, "invalid_session"),
+        ({"optimizer": {"name": "adam"}, "params": {"a,b": tensor(W0)}}, "invalid_session"),
+        (
+            {"optimizer": {"name": "adam"}, "params": {"__metadata__": tensor(W0)}},
+            "invalid_session",
+        ),
     ],
 )
 def test_bad_session_is_refused_and_nothing_is_created(client, body, code):

@@ -211,6 +211,7 @@ async def put_state(
         state["tensors"],
         optimizer=state.get("optimizer"),
         schedule_state=state.get("lr_schedule_state"),
+        lr_schedule=state.get("lr_schedule"),
         if_match=parse_version_header("If-Match", if_match),
     )
     return json_response({"version": version}, headers={"ETag": etag(version)})

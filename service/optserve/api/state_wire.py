@@ -90,7 +90,7 @@ def decode_state(body: bytes, safetensors: bool) -> dict[str, Any]:
     if unknown:
         raise invalid_session(f"unknown state field(s): {', '.join(sorted(unknown))}")
     state: dict[str, Any] = {"tensors": tensors}
-    for key in ("optimizer", "lr_schedule_state"):
+    for key in ("optimizer", "lr_schedule_state", "lr_schedule"):
         if fields.get(key) is not None:
             if not isinstance(fields[key], dict):
                 raise invalid_session(f'"{key}" must be an object')

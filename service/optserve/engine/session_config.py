@@ -23,6 +23,9 @@ def check_tensor_name(name: Any) -> str:
         raise invalid_session(f"tensor name {name!r} must be 1 to {MAX_TENSOR_NAME} characters")
     if not name.isprintable() or any(c.isspace() for c in name):
         raise invalid_session(f"tensor name {name!r} may not contain whitespace or controls")
+    if "," in name or name == "__metadata__":
+        # "," separates ?names=a,b; "__metadata__" is the safetensors header's own entry.
+        raise invalid_session(f"tensor name {name!r} may not contain ',' or be '__metadata__'")
     return name
 
 

@@ -412,6 +412,7 @@ class SessionService:
         *,
         optimizer: Mapping[str, Any] | None = None,
         schedule_state: Mapping[str, Any] | None = None,
+        lr_schedule: Mapping[str, Any] | None = None,
         if_match: int | None = None,
     ) -> int:
         """Replace params and the whole optimizer state (a checkpoint restore); new version.
@@ -436,6 +437,12 @@ class SessionService:
                     )
                 config = config.with_hyperparameters(
                     {k: v for k, v in optimizer.items() if k != "name"}
+                )
+            if lr_schedule is not None and lr_schedule != config.lr_schedule:
+                raise EngineError(
+                    "invalid_state",
+                    f"the state's lr_schedule {lr_schedule} differs from the session's "
+                    f"{config.lr_schedule}; a session's schedule is fixed at creation",
                 )
             missing = sorted(set(config.tensors) - set(tensors))
             if missing:

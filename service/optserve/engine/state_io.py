@@ -57,5 +57,5 @@ def check_tensor_state(
                     f"tensor {name!r}: {key} has shape {list(array.shape)}, expected {list(shape)}",
                     tensor=name,
                 )
-            checked[key] = np.ascontiguousarray(array, dtype=np.float32)
+            checked[key] = np.require(array, dtype=np.float32, requirements="C")
     return checked

@@ -49,7 +49,8 @@ def check_gradients(
             raise GradientError(
                 "shape_mismatch", name, f"shape {list(grad.shape)}, expected {list(shape)}"
             )
-        checked[name] = np.ascontiguousarray(grad, dtype=np.float32)
+        # np.require keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d).
+        checked[name] = np.require(grad, dtype=np.float32, requirements="C")
     return checked
 
 

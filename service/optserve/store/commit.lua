@@ -1,16 +1,22 @@
 -- Compare-and-set commit of one session (see store/redis_store.py).
--- KEYS[1]            the session's meta hash
--- KEYS[2..1+2n]      pairs: staged array key, live array key
--- KEYS[2+2n..]       live array keys to delete
--- ARGV[1]            expected version, or "" for an unconditional commit
--- ARGV[2]            n, the number of staged pairs
--- ARGV[3]            1 to increment the version, 0 to keep it
--- ARGV[4..]          meta field/value pairs to set
--- Returns the new version, -1 if the session is gone, or {-2, current} on a version conflict.
-local n = tonumber(ARGV[2])
+-- KEYS[1]                 the session's meta hash
+-- KEYS[2 .. 1+2p]         p pairs: staged array key, live array key
+-- next d keys             live array keys to delete
+-- next r keys             idempotency records to create (must not exist yet)
+-- ARGV[1]                 expected version, or "" for an unconditional commit
+-- ARGV[2], ARGV[3], ARGV[4]   p, d, r
+-- ARGV[5]                 how much to add to the version (0 keeps it)
+-- ARGV[6]                 idempotency record TTL in milliseconds
+-- ARGV[7]                 the channel that hears the new version
+-- next r values           the idempotency records' values
+-- the rest                meta field/value pairs to set
+-- Returns the new version; -1 if the session is gone; {-2, current} on a version conflict;
+-- {-3, current} if an idempotency record already exists. Nothing is written unless it succeeds.
+local p, d, r = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local first_idem = 2 + 2 * p + d
 local current = redis.call('HGET', KEYS[1], 'version')
 local function drop_staged()
-  for i = 1, n do redis.call('DEL', KEYS[2 * i]) end
+  for i = 1, p do redis.call('DEL', KEYS[2 * i]) end
 end
 if not current then
   drop_staged()
@@ -20,13 +26,22 @@ if ARGV[1] ~= '' and tonumber(current) ~= tonumber(ARGV[1]) then
   drop_staged()
   return {-2, tonumber(current)}
 end
-for i = 1, n do
+for i = 0, r - 1 do
+  if redis.call('EXISTS', KEYS[first_idem + i]) == 1 then
+    drop_staged()
+    return {-3, tonumber(current)}
+  end
+end
+for i = 1, p do
   redis.call('RENAME', KEYS[2 * i], KEYS[2 * i + 1])
   redis.call('PERSIST', KEYS[2 * i + 1])
 end
-for i = 2 + 2 * n, #KEYS do redis.call('DEL', KEYS[i]) end
-local version = tonumber(current)
-if ARGV[3] == '1' then version = version + 1 end
+for i = 2 + 2 * p, first_idem - 1 do redis.call('DEL', KEYS[i]) end
+for i = 0, r - 1 do
+  redis.call('SET', KEYS[first_idem + i], ARGV[8 + i], 'PX', ARGV[6])
+end
+local version = tonumber(current) + tonumber(ARGV[5])
 redis.call('HSET', KEYS[1], 'version', version)
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 8 + r, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if tonumber(ARGV[5]) > 0 then redis.call('PUBLISH', ARGV[7], version) end
 return version

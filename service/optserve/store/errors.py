@@ -15,6 +15,11 @@ class SessionGone(StoreError):
     """The session does not exist (never created, deleted, or expired)."""
 
 
+class IdempotencyConflict(StoreError):
+    """An idempotency record the commit would create already exists: another request with the
+    same key committed first. Nothing was applied; read the record and replay it."""
+
+
 class VersionConflict(StoreError):
     """The session moved on since it was read: the compare-and-set commit did not apply."""
 

@@ -40,5 +40,19 @@ def staged_key(sid: str, token: str, tensor: str, field: str) -> str:
     return f"{session_tag(sid)}:stage:{token}:{field}:{tensor}"
 
 
+def idempotency_key(sid: str, digest: str) -> str:
+    """The first response to a push sent with an Idempotency-Key (hashed: keys are client text)."""
+    return f"{session_tag(sid)}:idem:{digest}"
+
+
+def events_channel(sid: str) -> str:
+    """Pub/sub channel that hears each new version of the session (long-poll wakes on it)."""
+    return f"{session_tag(sid)}:events"
+
+
+#: Pattern that matches every session's events channel (one subscription per process).
+EVENTS_PATTERN = f"{PREFIX}:*:events"
+
+
 def manifest_field(tensor: str) -> str:
     return f"{MANIFEST_FIELD_PREFIX}{tensor}"

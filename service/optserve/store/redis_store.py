@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import keys
-from .errors import SessionGone, StoreUnavailable, VersionConflict
+from .errors import IdempotencyConflict, SessionGone, StoreUnavailable, VersionConflict
 
 #: Staged arrays of a commit that never ran (its process died) disappear after this long.
 STAGED_TTL_MS = 120_000
@@ -151,15 +151,20 @@ class RedisStore:
         meta: Mapping[str, str] | None = None,
         *,
         replace_state: Iterable[str] = (),
-        bump_version: bool = True,
+        bump_version: bool | int = True,
         conditional: bool = True,
+        idempotency: Mapping[str, str] | None = None,
+        idempotency_ttl_ms: int = 86_400_000,
     ) -> int:
         """Apply `writes` (tensor -> array name -> bytes) and `meta` atomically if the session is
         still at `base.version`; returns the new version.
 
-        Arrays of a tensor named in `replace_state` that are not written are deleted (a state
-        import replaces the whole state); otherwise a tensor's other arrays stay as they are.
-        Raises VersionConflict or SessionGone and then nothing was applied.
+        `bump_version` adds 1 (True), nothing (False) or that many updates (an int: a group
+        commit of several pushes). Arrays of a tensor named in `replace_state` that are not
+        written are deleted (a state import replaces the whole state); otherwise a tensor's other
+        arrays stay. `idempotency` maps digests to records created in the same transaction; if
+        one exists already, IdempotencyConflict. Raises VersionConflict or SessionGone too, and
+        then nothing was applied.
         """
         sid = base.sid
         token = secrets.token_hex(8)
@@ -176,13 +181,21 @@ class RedisStore:
                 staged.append(keys.staged_key(sid, token, tensor, name))
                 staged.append(keys.array_key(sid, tensor, name))
             deletes += [keys.array_key(sid, tensor, name) for name in old - new]
+        records = dict(idempotency or {})
+        increment = int(bump_version)
         args: list[str] = [
             str(base.version) if conditional else "",
             str(len(staged) // 2),
-            "1" if bump_version else "0",
+            str(len(deletes)),
+            str(len(records)),
+            str(increment),
+            str(idempotency_ttl_ms),
+            keys.events_channel(sid),
+            *records.values(),
         ]
         for name, value in fields.items():
             args += [name, value]
+        record_keys = [keys.idempotency_key(sid, digest) for digest in records]
 
         async def run() -> object:
             async with self.client.pipeline(transaction=False) as pipe:
@@ -190,7 +203,9 @@ class RedisStore:
                     for name, data in values.items():
                         pipe.set(keys.staged_key(sid, token, tensor, name), data, px=STAGED_TTL_MS)
                 await self._commit(
-                    keys=[keys.meta_key(sid), *staged, *deletes], args=args, client=pipe
+                    keys=[keys.meta_key(sid), *staged, *deletes, *record_keys],
+                    args=args,
+                    client=pipe,
                 )
                 if self.fsync_always:
                     pipe.execute_command("WAITAOF", 1, 0, 0)
@@ -201,8 +216,25 @@ class RedisStore:
         if result == -1:
             raise SessionGone(sid)
         if isinstance(result, list):
+            if int(result[0]) == -3:
+                raise IdempotencyConflict(sid)
             raise VersionConflict(int(result[1]))
         return int(result)
+
+    async def read_idempotency(self, sid: str, digests: list[str]) -> dict[str, str]:
+        """The stored records of these idempotency digests (missing ones left out)."""
+        if not digests:
+            return {}
+        values = await _guard(
+            lambda: self.client.mget([keys.idempotency_key(sid, d) for d in digests])
+        )
+        return {d: v.decode() for d, v in zip(digests, values, strict=True) if v is not None}
+
+    async def version(self, sid: str) -> int:
+        raw = await _guard(lambda: self.client.hget(keys.meta_key(sid), keys.VERSION_FIELD))
+        if raw is None:
+            raise SessionGone(sid)
+        return int(raw)
 
     async def delete(self, sid: str) -> bool:
         """Remove the session's meta and every array; False if it did not exist."""
