@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from . import __version__
 from .api import health, problems, sessions
 from .config import Settings, get_settings
+from .engine.events import VersionEvents
 from .engine.sessions import SessionService
 from .store.embedded import EmbeddedValkey
 from .store.redis_store import RedisStore
@@ -34,11 +35,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = RedisStore.from_url(
             url, fsync_always=settings.fsync == "always", health_check_interval=30
         )
+        events = VersionEvents(store.client)
+        events.start()
+        service = SessionService(
+            store,
+            group_commit=settings.group_commit,
+            idempotency_ttl_s=settings.idempotency_ttl_s,
+            events=events,
+        )
         app.state.store = store
-        app.state.service = SessionService(store)
+        app.state.service = service
         try:
             yield
         finally:
+            await service.close()
+            await events.stop()
             await store.close()
             if embedded is not None:
                 await to_thread.run_sync(embedded.stop)

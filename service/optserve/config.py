@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     long_poll_max_s: float = Field(
         default=60.0, gt=0, description="Upper bound of `wait_s` on GET params."
     )
+    group_commit: bool = Field(
+        default=True,
+        description="Apply queued pushes of a session as one batch (one load, one commit).",
+    )
+    idempotency_ttl_s: float = Field(
+        default=86_400.0, gt=0, description="How long an Idempotency-Key's response is kept."
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @property

@@ -70,7 +70,8 @@ class PushResult:
 @dataclass(frozen=True, slots=True)
 class Pulled:
     version: int
-    params: dict[str, np.ndarray]
+    #: None when a long poll ended with 304 Not Modified: nothing newer than `after_version`
+    params: dict[str, np.ndarray] | None
 
 
 def _version_header(version: int) -> str:
@@ -334,6 +335,8 @@ class BaseSession:
         )
 
         def parse(response: httpx.Response) -> Pulled:
+            if response.status_code == 304:  # the long poll's deadline: nothing newer arrived
+                return Pulled(self._seen(int(response.headers["etag"].strip('W/"'))), None)
             params, meta = decode_message(response.content, response.headers.get("content-type"),
                                           "params")  # fmt: skip
             return Pulled(self._seen(int(meta["version"])), params)

@@ -171,10 +171,14 @@ class Session(BaseSession):
         """Current params (all, or `names`).
 
         With `wait_s`, a long poll: the server answers once the version passes `after_version`
-        (default: the last version this handle saw) or when `wait_s` is up.
+        (default: the last version this handle saw); if nothing newer came by `wait_s` (304),
+        the current params are fetched and returned.
         """
         call = self._pull_call(names, after_version=after_version, wait_s=wait_s)
-        return self._client._run(call).params
+        pulled = self._client._run(call)
+        if pulled.params is None:
+            pulled = self._client._run(self._pull_call(names, after_version=None, wait_s=None))
+        return pulled.params
 
     def put_params(self, params: Mapping[str, np.ndarray], *, if_match: int | None = None) -> int:
         """Replace parameter values (optimizer state untouched); returns the new version.

@@ -27,6 +27,8 @@ CODES: dict[str, tuple[int, str]] = {
     "not_acceptable": (406, "Not acceptable"),
     "not_representable": (406, "Not representable in the requested media type"),
     "conflict": (409, "Conflict"),
+    "stale_gradient": (409, "Stale gradient"),
+    "duplicate_in_round": (409, "Duplicate push in round"),
     "precondition_failed": (412, "Precondition failed"),
     "payload_too_large": (413, "Payload too large"),
     "unsupported_media_type": (415, "Unsupported media type"),
@@ -38,8 +40,10 @@ CODES: dict[str, tuple[int, str]] = {
     "invalid_session": (422, "Invalid session"),
     "invalid_state": (422, "Invalid optimizer state"),
     "invalid_request": (422, "Invalid request"),
+    "idempotency_key_reused": (422, "Idempotency key reused"),
     "internal_error": (500, "Internal server error"),
     "store_unavailable": (503, "Store unavailable"),
+    "round_timeout": (504, "Round timed out"),
 }
 
 

@@ -46,6 +46,12 @@ class SessionCreate(BaseModel):
     )
     clip_grad_norm: float | None = Field(default=None, gt=0)
     nonfinite: Literal["reject", "skip"] = "reject"
+    max_staleness: int | None = Field(
+        default=None, ge=0, description="Pushes whose base_version is further behind are stale"
+    )
+    staleness: Literal["reject", "scale"] = Field(
+        default="reject", description="Stale pushes: 409 stale_gradient, or lr / (1 + staleness)"
+    )
     name: str | None = None
 
 
@@ -60,6 +66,8 @@ class Session(BaseModel):
     lr: float = Field(description="The lr the next update uses")
     clip_grad_norm: float | None
     nonfinite: Literal["reject", "skip"]
+    max_staleness: int | None
+    staleness: Literal["reject", "scale"]
     created_at: str
     updated_at: str
 
@@ -72,6 +80,8 @@ class SessionPatch(BaseModel):
     optimizer: dict[str, Any] | None = Field(default=None, description="Hyperparameters to change")
     clip_grad_norm: float | None = None
     nonfinite: Literal["reject", "skip"] | None = None
+    max_staleness: int | None = None
+    staleness: Literal["reject", "scale"] | None = None
     name: str | None = None
 
 
@@ -99,6 +109,7 @@ class PushResponse(BaseModel):
     applied: bool
     skipped: str | None = None
     total_norm: float | None = Field(default=None, description="Pre-clip global norm")
+    staleness: int | None = Field(default=None, description="Versions behind, if base_version")
     params: dict[str, Tensor]
 
 

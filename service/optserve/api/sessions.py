@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 
 from ..engine.errors import invalid_session
+from ..engine.pushes import PushRequest
 from ..wire import SAFETENSORS, decode_json_object, decode_message, request_media_type
 from . import schemas
 from .http import (
@@ -23,14 +25,10 @@ from .state_wire import decode_state, encode_state
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 CREATE_FIELDS = {
-    "optimizer",
-    "tensors",
-    "mode",
-    "lr_schedule",
-    "clip_grad_norm",
-    "nonfinite",
-    "name",
-}
+    "optimizer", "tensors", "mode", "lr_schedule", "clip_grad_norm", "nonfinite", "name",
+    "max_staleness", "staleness",
+}  # fmt: skip
+MAX_IDEMPOTENCY_KEY = 255
 PUSH_FIELDS = {"base_version", "worker"}
 
 
@@ -94,7 +92,7 @@ async def delete_session(sid: str, service: Service) -> Response:
     "/{sid}/params",
     response_model=schemas.Params,
     responses=schemas.TENSOR_RESPONSE,
-    summary="Current parameters (long-poll with after_version and wait_s)",
+    summary="Current parameters (long-poll with after_version and wait_s; 304 at the deadline)",
 )
 async def get_params(
     sid: str,
@@ -105,8 +103,11 @@ async def get_params(
     after_version: Annotated[int | None, Query(ge=0)] = None,
     wait_s: Annotated[float, Query(ge=0)] = 0.0,
 ) -> Response:
-    if after_version is not None and wait_s > 0:
-        await service.wait_for_version(sid, after_version, min(wait_s, settings.long_poll_max_s))
+    if after_version is not None:
+        wait = min(wait_s, settings.long_poll_max_s)
+        if not await service.wait_for_version(sid, after_version, wait):
+            version = (await service.get(sid))["version"]
+            return Response(status_code=304, headers={"ETag": etag(version)})
     selected = [n for n in names.split(",") if n] if names is not None else None
     result = await service.get_params(sid, selected)
     return tensor_response(
@@ -155,18 +156,35 @@ async def push_gradients(
         Literal["all", "pushed", "none"],
         Query(alias="return", description="Which params to send back"),
     ] = "all",
+    idempotency_key: Annotated[
+        str | None,
+        Header(description="Retry-safe: a key seen before returns the first response"),
+    ] = None,
 ) -> Response:
     body = await read_body(request, settings.max_body_bytes)
     message = decode_message(body, request.headers.get("content-type"), "grads")
     _only(message.fields, PUSH_FIELDS, "push")
     _check_push_fields(message.fields)
-    result = await service.push(sid, message.tensors, returning=returning)
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+        raise invalid_session(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    push = PushRequest(
+        grads=message.tensors,
+        returning=returning,
+        base_version=message.fields.get("base_version"),
+        worker=message.fields.get("worker"),
+        idempotency_key=idempotency_key,
+        body_digest=hashlib.sha256(body).hexdigest() if idempotency_key is not None else None,
+    )
+    result = await service.push(sid, push)
     fields: dict[str, Any] = {"version": result.version, "applied": result.applied}
-    if result.skipped:
-        fields["skipped"] = result.skipped
-    if result.total_norm is not None:
-        fields["total_norm"] = result.total_norm
-    return tensor_response(request, result.params, fields, "params", {"ETag": etag(result.version)})
+    for name in ("skipped", "total_norm", "staleness"):
+        value = getattr(result, name)
+        if value is not None:
+            fields[name] = value
+    headers = {"ETag": etag(result.version)}
+    if result.replayed:
+        headers["Idempotency-Replayed"] = "true"
+    return tensor_response(request, result.params, fields, "params", headers)
 
 
 def _check_push_fields(fields: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from ..optim.schedules import Schedule, make_schedule
 from .errors import invalid_session
 
 NONFINITE_POLICIES = ("reject", "skip")
+STALENESS_POLICIES = ("reject", "scale")
 MAX_TENSOR_NAME = 256
 
 
@@ -49,6 +50,10 @@ class SessionConfig:
     lr_schedule: dict[str, Any] | None = None
     clip_grad_norm: float | None = None
     nonfinite: str = "reject"
+    #: a push whose base_version is more than this many versions behind is stale
+    max_staleness: int | None = None
+    #: stale pushes: "reject" (409 stale_gradient) or "scale" (lr / (1 + staleness))
+    staleness: str = "reject"
 
     @property
     def algorithm(self) -> Algorithm:
@@ -81,6 +86,8 @@ class SessionConfig:
             lr_schedule=data.get("lr_schedule"),
             clip_grad_norm=data.get("clip_grad_norm"),
             nonfinite=data.get("nonfinite", "reject"),
+            max_staleness=data.get("max_staleness"),
+            staleness=data.get("staleness", "reject"),
         )
 
     def with_hyperparameters(self, changes: Mapping[str, Any]) -> SessionConfig:
@@ -118,6 +125,8 @@ def build_config(
     lr_schedule: Any = None,
     clip_grad_norm: Any = None,
     nonfinite: Any = "reject",
+    max_staleness: Any = None,
+    staleness: Any = "reject",
 ) -> SessionConfig:
     """Validate a creation request's fields; raises EngineError or HyperparameterError."""
     if not isinstance(optimizer, Mapping) or "name" not in optimizer:
@@ -143,6 +152,12 @@ def build_config(
         raise HyperparameterError("clip_grad_norm", clip_grad_norm, "a finite number > 0")
     if nonfinite not in NONFINITE_POLICIES:
         raise invalid_session(f'"nonfinite" must be one of {", ".join(NONFINITE_POLICIES)}')
+    if max_staleness is not None and (
+        isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 0
+    ):
+        raise invalid_session('"max_staleness" must be a non-negative integer or null')
+    if staleness not in STALENESS_POLICIES:
+        raise invalid_session(f'"staleness" must be one of {", ".join(STALENESS_POLICIES)}')
     return SessionConfig(
         optimizer=algorithm.name,
         hyperparameters=hyperparameters,
@@ -152,4 +167,6 @@ def build_config(
         lr_schedule=schedule.to_json() if lr_schedule is not None else None,
         clip_grad_norm=float(clip_grad_norm) if clip_grad_norm is not None else None,
         nonfinite=nonfinite,
+        max_staleness=max_staleness,
+        staleness=staleness,
     )

@@ -8,28 +8,30 @@ so they do not waste commits racing each other. The numpy work runs off the even
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import orjson
 from anyio import to_thread
 
-from ..optim import GradientError, NonFiniteGradientError, TensorState
+from ..optim import GradientError, TensorState
 from ..optim.schedules import ScheduleState
-from ..optim.update import apply_update, check_gradients, find_non_finite, initial_states
-from ..store.errors import SessionGone, VersionConflict
+from ..optim.update import check_gradients, find_non_finite, initial_states
+from ..store.errors import IdempotencyConflict, SessionGone, VersionConflict
 from ..store.redis_store import RedisStore, Snapshot
 from .arrays import array_from_bytes, state_from_fields, state_to_fields, to_bytes
+from .batcher import Batcher
 from .errors import EngineError, invalid_session, not_found
+from .events import VersionEvents
+from .pushes import BatchPlan, PushRequest, PushResult, key_reused, run_pushes
 from .session_config import SessionConfig, build_config, check_shape, check_tensor_name
 from .state_io import check_tensor_state, stepped_layout
-
-Returning = Literal["all", "pushed", "none"]
 
 #: Commits lost to another process (several replicas on one Redis) are retried this often.
 MAX_COMMIT_ATTEMPTS = 16
@@ -37,15 +39,6 @@ MAX_COMMIT_ATTEMPTS = 16
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-@dataclass(frozen=True)
-class PushResult:
-    version: int
-    params: dict[str, np.ndarray]
-    applied: bool
-    skipped: str | None = None
-    total_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -57,9 +50,25 @@ class ParamsResult:
 class SessionService:
     """All session operations; methods raise EngineError, HyperparameterError or store errors."""
 
-    def __init__(self, store: RedisStore) -> None:
+    def __init__(
+        self,
+        store: RedisStore,
+        *,
+        group_commit: bool = True,
+        idempotency_ttl_s: float = 86_400.0,
+        events: VersionEvents | None = None,
+    ) -> None:
         self.store = store
+        self.idempotency_ttl_s = idempotency_ttl_s
+        self.events = events
+        self._batcher: Batcher[PushRequest, PushResult] = Batcher(
+            self._apply_batch, group=group_commit
+        )
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    async def close(self) -> None:
+        """Stop the appliers (shutdown): queued pushes that never started are cancelled."""
+        await self._batcher.close()
 
     def _lock(self, sid: str) -> asyncio.Lock:
         lock = self._locks.get(sid)
@@ -102,6 +111,8 @@ class SessionService:
             "lr": schedule.lr,
             "clip_grad_norm": config.clip_grad_norm,
             "nonfinite": config.nonfinite,
+            "max_staleness": config.max_staleness,
+            "staleness": config.staleness,
             "created_at": snap.meta["created_at"],
             "updated_at": snap.meta["updated_at"],
         }
@@ -150,6 +161,8 @@ class SessionService:
             lr_schedule=fields.get("lr_schedule"),
             clip_grad_norm=fields.get("clip_grad_norm"),
             nonfinite=fields.get("nonfinite", "reject"),
+            max_staleness=fields.get("max_staleness"),
+            staleness=fields.get("staleness", "reject"),
         )
         arrays = {
             name: np.zeros(shape, np.float32) if name not in params else params[name]
@@ -183,7 +196,7 @@ class SessionService:
 
         A new lr behaves like torch's `group["lr"] = lr`: a running schedule continues from it.
         """
-        allowed = {"optimizer", "clip_grad_norm", "nonfinite", "name"}
+        allowed = {"optimizer", "clip_grad_norm", "nonfinite", "name", "max_staleness", "staleness"}
         unknown = set(changes) - allowed
         if unknown:
             raise invalid_session(f"cannot change {', '.join(sorted(unknown))}")
@@ -208,6 +221,8 @@ class SessionService:
                     lr_schedule=config.lr_schedule,
                     clip_grad_norm=changes.get("clip_grad_norm", config.clip_grad_norm),
                     nonfinite=changes.get("nonfinite", config.nonfinite),
+                    max_staleness=changes.get("max_staleness", config.max_staleness),
+                    staleness=changes.get("staleness", config.staleness),
                 )
                 meta = {
                     "config": orjson.dumps(rebuilt.to_json()).decode(),
@@ -239,16 +254,30 @@ class SessionService:
         }
         return ParamsResult(snap.version, params)
 
-    async def wait_for_version(self, sid: str, after: int, wait_s: float) -> None:
-        """Long-poll: return once the version is past `after`, or when `wait_s` is up."""
-        deadline = asyncio.get_running_loop().time() + max(0.0, wait_s)
-        delay = 0.01
-        while (await self._meta(sid)).version <= after:
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                return
-            await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * 2, 0.25)
+    async def wait_for_version(self, sid: str, after: int, wait_s: float) -> bool:
+        """Long-poll: True as soon as the version is past `after`, False when `wait_s` is up.
+
+        Woken by the commit's version event (any replica), not by polling Redis: the version is
+        read once on entry and once per event.
+        """
+        if self.events is None:
+            raise RuntimeError("long-poll needs the version events hub")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, wait_s)
+        event = asyncio.Event()
+        with self.events.watch(sid, event):
+            while True:
+                event.clear()
+                try:
+                    if await self.store.version(sid) > after:
+                        return True
+                except SessionGone:
+                    raise not_found(sid) from None
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), remaining)
 
     async def put_params(
         self, sid: str, params: Mapping[str, np.ndarray], if_match: int | None
@@ -299,87 +328,114 @@ class SessionService:
 
     # -- pushing gradients -----------------------------------------------------------------------
 
-    async def push(
-        self,
-        sid: str,
-        grads: Mapping[str, np.ndarray],
-        *,
-        returning: Returning = "all",
-    ) -> PushResult:
-        """Apply one optimizer step with these gradients (absent tensors are skipped)."""
-        if not grads:
+    async def push(self, sid: str, request: PushRequest) -> PushResult:
+        """Queue one push for the session's applier; returns once it is committed (or refused)."""
+        if not request.grads:
             raise invalid_session("a push needs at least one gradient")
-        async with self._lock(sid):
-            for _ in range(MAX_COMMIT_ATTEMPTS):
-                result = await self._push_once(sid, grads, returning)
-                if result is not None:
-                    return result
-        raise EngineError("conflict", "the session kept changing; try again")
+        return await self._batcher.submit(sid, request)
 
-    async def _push_once(
-        self, sid: str, grads: Mapping[str, np.ndarray], returning: Returning
-    ) -> PushResult | None:
+    async def _apply_batch(
+        self, sid: str, pushes: Sequence[PushRequest]
+    ) -> list[PushResult | BaseException]:
+        """Apply queued pushes in arrival order, each its own step, with one load and one commit.
+
+        A commit lost to another process (or to a concurrent request with the same idempotency
+        key) reloads and re-applies the whole batch; nothing is written over a newer version.
+        """
+        for _ in range(MAX_COMMIT_ATTEMPTS):
+            results = await self._try_batch(sid, pushes)
+            if results is not None:
+                return results
+        return [EngineError("conflict", "the session kept changing; try again")] * len(pushes)
+
+    async def _try_batch(
+        self, sid: str, pushes: Sequence[PushRequest]
+    ) -> list[PushResult | BaseException] | None:
         meta = await self._meta(sid)
         config = self.config_of(meta)
-        try:
-            checked = check_gradients(config.tensors, grads)
-        except GradientError as error:
-            raise EngineError(error.code, str(error), tensor=error.tensor) from None
-        pushed = [name for name in config.tensors if name in checked]
-        wanted = list(config.tensors) if returning == "all" else pushed
-        snap = await self._read(sid, params=wanted, state_of=pushed)
+        plan = await self._plan(sid, config, pushes)
+        snap = await self._read(sid, params=plan.params_needed(config), state_of=plan.pushed)
         if snap.meta["config"] != meta.meta["config"]:
             return None  # hyperparameters changed between the two reads: start again
-        bad = find_non_finite(checked)
-        if bad and config.nonfinite == "skip":
-            params = self._decode_params(snap, config, wanted if returning != "none" else [])
-            return PushResult(snap.version, params, applied=False, skipped="non_finite")
-        if bad:
-            raise EngineError(
-                "non_finite",
-                f"non-finite values (NaN or inf) in gradient(s): {', '.join(bad)}",
-                tensors=bad,
-            )
-        params = self._decode_params(snap, config, wanted)
-        states: dict[str, TensorState] = {
+        params = self._decode_params(snap, config, plan.params_needed(config))
+        states = self._decode_states(snap, config, plan.pushed)
+        schedule = ScheduleState.from_dict(orjson.loads(snap.meta["schedule"]))
+        run = await to_thread.run_sync(
+            lambda: run_pushes(config, pushes, plan, params, states, schedule, snap.version)
+        )
+        if run.applied or run.records:
+            writes = {
+                name: {"param": to_bytes(params[name]), **state_to_fields(states[name])}
+                for name in plan.pushed
+                if name in run.stepped
+            }
+            meta_update = {"updated_at": _now()}
+            if run.applied:
+                meta_update["schedule"] = orjson.dumps(run.schedule.to_dict()).decode()
+            try:
+                await self.store.commit(
+                    snap,
+                    writes,
+                    meta_update,
+                    bump_version=run.applied,
+                    idempotency=run.records,
+                    idempotency_ttl_ms=int(self.idempotency_ttl_s * 1000),
+                )
+            except (VersionConflict, IdempotencyConflict):
+                return None
+            except SessionGone:
+                raise not_found(sid) from None
+        return plan.finish(pushes, run, params)
+
+    async def _plan(
+        self, sid: str, config: SessionConfig, pushes: Sequence[PushRequest]
+    ) -> BatchPlan:
+        """Sort the batch: replays of stored idempotent responses, refusals, and work to do."""
+        digests = sorted({p.key_digest for p in pushes if p.key_digest})
+        stored = await self.store.read_idempotency(sid, digests)
+        plan = BatchPlan()
+        leaders: dict[str, int] = {}
+        for index, push in enumerate(pushes):
+            digest = push.key_digest
+            if digest is not None:
+                record = stored.get(digest)
+                leader = leaders.get(digest)
+                first = orjson.loads(record) if record is not None else None
+                if first is not None and first["request"] != push.body_digest:
+                    plan.results[index] = key_reused()
+                elif first is not None:
+                    plan.replays[index] = first
+                elif leader is not None and pushes[leader].body_digest != push.body_digest:
+                    plan.results[index] = key_reused()
+                elif leader is not None:
+                    plan.followers[index] = leader  # same key, same body, same batch: one apply
+                if first is not None or leader is not None:
+                    continue
+                leaders[digest] = index
+            try:
+                plan.grads[index] = check_gradients(config.tensors, push.grads)
+            except GradientError as error:
+                plan.results[index] = EngineError(error.code, str(error), tensor=error.tensor)
+                continue
+            plan.todo.append(index)
+        names = {n for i in plan.todo for n in plan.grads[i]}
+        plan.pushed = [name for name in config.tensors if name in names]
+        plan.wants_all = any(pushes[i].returning == "all" for i in (*plan.todo, *plan.replays))
+        plan.replay_names = {n for i in plan.replays for n in pushes[i].grads}
+        return plan
+
+    @staticmethod
+    def _decode_states(
+        snap: Snapshot, config: SessionConfig, names: Sequence[str]
+    ) -> dict[str, TensorState]:
+        return {
             name: state_from_fields(
                 {f: snap.arrays[(name, f)] for f in snap.manifests.get(name, ()) if f != "param"},
                 config.tensors[name],
             )
-            for name in pushed
+            for name in names
             if len(snap.manifests.get(name, ())) > 1
         }
-        schedule_state = ScheduleState.from_dict(orjson.loads(snap.meta["schedule"]))
-        algorithm, hp = config.algorithm, config.hyperparameters
-        stepped = {name: params[name] for name in pushed}
-
-        def compute():
-            return apply_update(
-                algorithm, hp, stepped, checked, states, schedule_state.lr,
-                max_norm=config.clip_grad_norm,
-            )  # fmt: skip
-
-        try:
-            outcome = await to_thread.run_sync(compute)
-        except NonFiniteGradientError as error:  # already checked; kept for safety
-            raise EngineError("non_finite", str(error), tensors=error.tensors) from None
-        next_schedule = config.schedule.advance(schedule_state)
-        writes = {
-            name: {"param": to_bytes(stepped[name]), **state_to_fields(states[name])}
-            for name in outcome.stepped
-        }
-        meta_update = {
-            "schedule": orjson.dumps(next_schedule.to_dict()).decode(),
-            "updated_at": _now(),
-        }
-        try:
-            version = await self.store.commit(snap, writes, meta_update)
-        except VersionConflict:
-            return None
-        except SessionGone:
-            raise not_found(sid) from None
-        returned = {} if returning == "none" else {name: params[name] for name in wanted}
-        return PushResult(version, returned, applied=True, total_norm=outcome.total_norm)
 
     # -- optimizer state (checkpoints) -------------------------------------------------------------
 
