@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: venv test lint run bench bench-optim clean
+.PHONY: venv test lint run bench bench-optim bench-concurrency clean
 
 venv: $(STAMP)
 
@@ -26,10 +26,13 @@ test: lint
 	$(BIN)/python -m pytest
 
 # Benchmarks are not tests: they write BENCHMARKS.md. Run them on an otherwise idle machine.
-bench: bench-optim
+bench: bench-optim bench-concurrency
 
 bench-optim: $(STAMP)
 	$(BIN)/python bench/optim_bench.py --write BENCHMARKS.md
+
+bench-concurrency: $(STAMP)
+	$(BIN)/python bench/concurrency_bench.py --write BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
