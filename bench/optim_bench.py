@@ -23,7 +23,7 @@ from optserve.optim import get_algorithm
 from optserve.optim.update import apply_update, initial_states
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe
+from report import describe, write_section
 
 SIZES = (10**3, 10**5, 10**6, 10**7)
 ALGORITHMS: dict[str, tuple[type[torch.optim.Optimizer] | None, bool]] = {
@@ -39,7 +39,7 @@ ALGORITHMS: dict[str, tuple[type[torch.optim.Optimizer] | None, bool]] = {
     "lion": (None, False),
 }
 OPTIONS = {"sgd": {"lr": 0.01, "momentum": 0.9}, "lion": {"lr": 1e-4}}
-BEGIN, END = "<!-- optim-bench:begin -->", "<!-- optim-bench:end -->"
+SECTION = "optim-bench"  # BENCHMARKS.md markers: <!-- optim-bench:begin --> ... :end -->
 
 
 def torch_lion_step(params: list[torch.Tensor], exp_avgs: list[torch.Tensor]) -> None:
@@ -146,18 +146,6 @@ def run(sizes: tuple[int, ...], names: list[str]) -> list[str]:
     return lines
 
 
-def write_section(path: Path, lines: list[str]) -> None:
-    """Replace this benchmark's section of BENCHMARKS.md, keeping other benchmarks' sections."""
-    section = "\n".join([BEGIN, *lines, END]) + "\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--write", type=Path, help="update this markdown file's section")
@@ -166,7 +154,7 @@ def main() -> None:
     args = parser.parse_args()
     lines = run(tuple(args.sizes), args.algorithms)
     if args.write:
-        write_section(args.write, lines)
+        write_section(args.write, SECTION, lines)
 
 
 if __name__ == "__main__":

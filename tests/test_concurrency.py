@@ -36,9 +36,9 @@ P0 = {
 
 
 @pytest.fixture
-def two_servers(server_factory, redis_url):
-    """Two `optserve serve` processes on the one (emptied) Valkey."""
-    return [server_factory(OPTSERVE_REDIS_URL=redis_url) for _ in range(2)]
+def two_servers(server_factory, valkey_server):
+    """Two `optserve serve` processes on the test session's one Valkey."""
+    return [server_factory(OPTSERVE_REDIS_URL=valkey_server.url) for _ in range(2)]
 
 
 def run_workers(urls: list[str], sid: str, tmp_path: Path) -> list[dict[str, Any]]:
@@ -92,8 +92,7 @@ def acknowledged_in_order(client: httpx.Client, sid: str, records: list[dict]) -
     assert sorted(versions) == list(range(1, len(acked) + 1))
     session = client.get(f"/v1/sessions/{sid}").json()
     assert session["version"] == len(acked) == WORKERS * PUSHES
-    used = {(r["worker"], r["server"]) for r in acked}
-    assert {server for _, server in used} == {0, 1}, "both servers took pushes"
+    assert {r["server"] for r in acked} == {0, 1}, "both servers took pushes"
     return sorted(acked, key=lambda r: r["version"])
 
 
