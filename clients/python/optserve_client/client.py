@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
@@ -15,11 +16,11 @@ from ._base import (
     BaseClient,
     BaseSession,
     Call,
+    RetryPolicy,
     Returning,
     Shape,
     _Unset,
 )
-from .errors import OptservError
 
 __all__ = ["Client", "Session"]
 
@@ -32,6 +33,12 @@ class Client(BaseClient):
     `codec="safetensors"` (default) moves tensors as raw float32 bytes both ways, about 5x
     smaller than JSON and with NaN/inf intact; `codec="json"` is for debugging or proxies that
     only pass JSON. Every failure raises OptservError. Use as a context manager, or call close().
+
+    `retries` (a RetryPolicy, a number of retries, or None/0 for none) retries a call after a
+    transport failure (refused, reset or dropped connection, timeout) or a 503 (waiting for
+    `Retry-After`), never after another error status. Pushes carry one Idempotency-Key over all
+    their attempts, so a retried push is applied at most once; reads, PUT, PATCH and DELETE are
+    idempotent; create_session is retried only when its connection could not even be made.
     """
 
     def __init__(
@@ -41,9 +48,10 @@ class Client(BaseClient):
         *,
         timeout: float | None = 60.0,
         codec: str = "safetensors",
+        retries: RetryPolicy | int | None = RetryPolicy(),  # noqa: B008 - frozen, so shareable
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        super().__init__(url, api_key, timeout=timeout, codec=codec)
+        super().__init__(url, api_key, timeout=timeout, codec=codec, retries=retries)
         self._http = httpx.Client(transport=transport, timeout=timeout)
 
     def __enter__(self) -> Client:
@@ -62,12 +70,22 @@ class Client(BaseClient):
         self._http.close()
 
     def _run(self, call: Call[T]) -> T:
-        """The only I/O: send one built request, map failures to OptservError."""
-        try:
-            response = self._http.send(call.request)
-        except httpx.RequestError as exc:
-            raise OptservError.from_transport(exc) from exc
-        return self._finish(call, response)
+        """The only I/O: send one built request until `Attempts` says stop; errors map to
+        OptservError. AsyncClient._run is this loop with `await`."""
+        attempts = self._attempts(call)
+        while True:
+            attempts.count += 1
+            try:
+                response = self._http.send(call.request)
+            except httpx.RequestError as exc:
+                wait = attempts.after_error(exc)
+                if wait is None:
+                    raise attempts.transport_error(exc) from exc
+            else:
+                wait = attempts.after_response(response)
+                if wait is None:
+                    return attempts.finish(response)
+            time.sleep(wait)
 
     def create_session(
         self,
@@ -79,6 +97,8 @@ class Client(BaseClient):
         clip_grad_norm: float | None = None,
         nonfinite: str = "reject",
         name: str | None = None,
+        max_staleness: int | None = None,
+        staleness: str | None = None,
         **hyperparameters: Any,
     ) -> Session:
         """Create a session and return a handle on it.
@@ -86,11 +106,13 @@ class Client(BaseClient):
         `optimizer` is torch's name ("adam") with hyperparameters as keywords, or the whole
         `{"name": "adam", "lr": 1e-3}` object; `params` are initial values (cast to float32),
         `tensors` names zero-initialised tensors by shape, so large ones need not be uploaded.
+        `max_staleness=K` refuses pushes whose base_version is more than K behind (409
+        `stale_gradient`), or with `staleness="scale"` applies them with lr / (1 + staleness).
         """
         call = self._create_call(
             optimizer, params, tensors=tensors, lr_schedule=lr_schedule,
             clip_grad_norm=clip_grad_norm, nonfinite=nonfinite, name=name,
-            hyperparameters=hyperparameters,
+            max_staleness=max_staleness, staleness=staleness, hyperparameters=hyperparameters,
         )  # fmt: skip
         info = self._run(call)
         return Session(self, info["id"], int(info["version"]))
@@ -127,38 +149,55 @@ class Session(BaseSession):
         clip_grad_norm: float | _Unset | None = UNSET,
         nonfinite: str | _Unset = UNSET,
         name: str | _Unset | None = UNSET,
+        max_staleness: int | _Unset | None = UNSET,
+        staleness: str | _Unset = UNSET,
         **hyperparameters: Any,
     ) -> dict[str, Any]:
         """Change hyperparameters in flight (`update(lr=1e-4)`); returns the session info.
 
-        `clip_grad_norm=None` turns clipping off and `name=None` clears the name, so leaving
-        a keyword out is what keeps it unchanged.
+        `clip_grad_norm=None` turns clipping off, `max_staleness=None` accepts any staleness and
+        `name=None` clears the name, so leaving a keyword out is what keeps it unchanged.
         """
         call = self._update_call(
             clip_grad_norm=clip_grad_norm, nonfinite=nonfinite, name=name,
-            hyperparameters=hyperparameters,
+            max_staleness=max_staleness, staleness=staleness, hyperparameters=hyperparameters,
         )  # fmt: skip
         return self._client._run(call)
 
     def delete(self) -> None:
-        """Delete the session and all of its state on the server."""
+        """Delete the session and all of its state on the server.
+
+        A retry that finds the session gone after an attempt whose answer was lost counts as
+        done (that attempt deleted it).
+        """
         self._client._run(self._delete_call())
 
     def push(
         self,
         grads: Mapping[str, np.ndarray],
         *,
-        base_version: int | None = None,
+        base_version: int | _Unset | None = UNSET,
         worker: str | None = None,
         returning: Returning = "all",
+        idempotency_key: str | None = None,
     ) -> dict[str, np.ndarray]:
         """One optimizer step with these gradients; returns the updated params.
 
         Tensors left out are skipped, as torch skips grad=None. `returning="pushed"` sends back
         only the pushed tensors, `"none"` nothing. The full answer (applied, skipped,
-        total_norm) is in `last_push`.
+        total_norm, staleness, replayed) is in `last_push`.
+
+        `base_version`, the version the gradients were computed from, is by default `version`:
+        the newest version this handle has seen (from a pull, push, put_params, ...). Pass an
+        int when the gradients come from older params, or None to send none (no staleness
+        check). `idempotency_key` defaults to a fresh uuid4, the same on every retry; a key of
+        your own reused by a later call must come with the very same body (base_version too),
+        else the server answers 422 `idempotency_key_reused`.
         """
-        call = self._push_call(grads, base_version=base_version, worker=worker, returning=returning)
+        call = self._push_call(
+            grads, base_version=base_version, worker=worker, returning=returning,
+            idempotency_key=idempotency_key,
+        )  # fmt: skip
         return self._client._run(call).params
 
     def pull(

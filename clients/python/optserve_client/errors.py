@@ -19,13 +19,16 @@ class OptservError(Exception):
 
     `status` is the HTTP status (None when no response arrived), `code` the stable error code,
     `detail` the human explanation, `problem` the full problem document with any extra members
-    (for example `version` on a 412, `field` and `allowed` on an invalid hyperparameter).
+    (for example `version` on a 412 or a 409 `stale_gradient`, `field` and `allowed` on an
+    invalid hyperparameter). `attempts` is how many times the client tried the call, retries
+    included, before giving up with this error.
     """
 
     status: int | None
     code: str
     detail: str
     problem: dict[str, Any]
+    attempts: int
 
     def __init__(
         self,
@@ -38,6 +41,7 @@ class OptservError(Exception):
         self.code = code
         self.detail = detail
         self.problem = problem if problem is not None else {"code": code, "detail": detail}
+        self.attempts = 1
         super().__init__(f"{status if status is not None else '-'} {code}: {detail}")
 
     def __repr__(self) -> str:
