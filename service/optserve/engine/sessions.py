@@ -35,6 +35,10 @@ from .state_io import check_tensor_state, stepped_layout
 
 #: Commits lost to another process (several replicas on one Redis) are retried this often.
 MAX_COMMIT_ATTEMPTS = 16
+#: A batch that keeps losing commits to other replicas gives up after this long (409 conflict).
+CONFLICT_DEADLINE_S = 30.0
+#: How long a session's apply lease lasts if its holder dies without giving it back.
+LEASE_MS = 10_000
 
 
 def _now() -> str:
@@ -339,24 +343,55 @@ class SessionService:
     ) -> list[PushResult | BaseException]:
         """Apply queued pushes in arrival order, each its own step, with one load and one commit.
 
-        A commit lost to another process (or to a concurrent request with the same idempotency
-        key) reloads and re-applies the whole batch; nothing is written over a newer version.
+        The first attempt is optimistic. A commit lost to another process (a replica on the same
+        session) reloads and re-applies the whole batch, holding the session's lease so that the
+        replicas take turns instead of racing; a process defers to a lease held by another.
+        Nothing is ever written over a newer version: the commit is a compare-and-set either way.
         """
-        for _ in range(MAX_COMMIT_ATTEMPTS):
-            results = await self._try_batch(sid, pushes)
-            if results is not None:
-                return results
-        return [EngineError("conflict", "the session kept changing; try again")] * len(pushes)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CONFLICT_DEADLINE_S
+        token: str | None = None
+        delay = 0.002
+        try:
+            while loop.time() < deadline:
+                meta = await self._meta(sid)
+                if meta.lease is not None and meta.lease != token:
+                    await self._wait_for_change(sid, delay)  # another replica's turn
+                    delay = min(delay * 2, 0.05)
+                    continue
+                results = await self._try_batch(sid, pushes, meta)
+                if results is not None:
+                    return results
+                if token is None:
+                    candidate = secrets.token_hex(8)
+                    if await self.store.take_lease(sid, candidate, LEASE_MS):
+                        token = candidate
+        finally:
+            if token is not None:
+                await self.store.release_lease(sid, token)
+        conflict = EngineError("conflict", "the session kept changing; try again")
+        return [conflict] * len(pushes)
+
+    async def _wait_for_change(self, sid: str, timeout: float) -> None:
+        """Sleep until the session's next version event, at most `timeout` seconds."""
+        event = asyncio.Event()
+        if self.events is None:
+            await asyncio.sleep(timeout)
+            return
+        with self.events.watch(sid, event), contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
 
     async def _try_batch(
-        self, sid: str, pushes: Sequence[PushRequest]
+        self, sid: str, pushes: Sequence[PushRequest], meta: Snapshot
     ) -> list[PushResult | BaseException] | None:
-        meta = await self._meta(sid)
         config = self.config_of(meta)
         plan = await self._plan(sid, config, pushes)
-        snap = await self._read(sid, params=plan.params_needed(config), state_of=plan.pushed)
-        if snap.meta["config"] != meta.meta["config"]:
-            return None  # hyperparameters changed between the two reads: start again
+        try:
+            snap = await self._read(sid, params=plan.params_needed(config), state_of=plan.pushed)
+        except VersionConflict:
+            return None  # the version kept moving under the read: start again
+        if snap.version != meta.version or snap.meta["config"] != meta.meta["config"]:
+            return None  # a commit or a PATCH landed between the two reads: start again
         params = self._decode_params(snap, config, plan.params_needed(config))
         states = self._decode_states(snap, config, plan.pushed)
         schedule = ScheduleState.from_dict(orjson.loads(snap.meta["schedule"]))

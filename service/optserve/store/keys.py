@@ -45,6 +45,12 @@ def idempotency_key(sid: str, digest: str) -> str:
     return f"{session_tag(sid)}:idem:{digest}"
 
 
+def lease_key(sid: str) -> str:
+    """Who may apply this session's next batch after a lost commit (fairness across replicas;
+    the compare-and-set commit alone keeps it correct)."""
+    return f"{session_tag(sid)}:lease"
+
+
 def events_channel(sid: str) -> str:
     """Pub/sub channel that hears each new version of the session (long-poll wakes on it)."""
     return f"{session_tag(sid)}:events"

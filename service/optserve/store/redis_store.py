@@ -28,6 +28,10 @@ from .errors import IdempotencyConflict, SessionGone, StoreUnavailable, VersionC
 #: Staged arrays of a commit that never ran (its process died) disappear after this long.
 STAGED_TTL_MS = 120_000
 _COMMIT_SCRIPT = resources.files(__package__).joinpath("commit.lua").read_text()
+_RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 @dataclass
@@ -41,6 +45,8 @@ class Snapshot:
     manifests: dict[str, tuple[str, ...]]
     #: (tensor, field) -> raw bytes
     arrays: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    #: the token of the apply lease on this session, if some process holds it
+    lease: str | None = None
 
 
 def _decode_meta(raw: Mapping[bytes, bytes]) -> tuple[int, dict[str, str], dict[str, tuple]]:
@@ -64,6 +70,7 @@ class RedisStore:
         self.client = client
         self.fsync_always = fsync_always
         self._commit = client.register_script(_COMMIT_SCRIPT)
+        self._release = client.register_script(_RELEASE_SCRIPT)
 
     @classmethod
     def from_url(cls, url: str, *, fsync_always: bool = False, **options) -> RedisStore:
@@ -96,12 +103,29 @@ class RedisStore:
         await _guard(run)
 
     async def read_meta(self, sid: str) -> Snapshot:
-        """Meta only (version, config, manifests): cheap, for reads that need no arrays."""
-        raw = await _guard(lambda: self.client.hgetall(keys.meta_key(sid)))
+        """Meta only (version, config, manifests, lease holder): one round trip, no arrays."""
+
+        async def run() -> list:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.hgetall(keys.meta_key(sid))
+                pipe.get(keys.lease_key(sid))
+                return await pipe.execute()
+
+        raw, lease = await _guard(run)
         if not raw:
             raise SessionGone(sid)
         version, meta, manifests = _decode_meta(raw)
-        return Snapshot(sid, version, meta, manifests)
+        return Snapshot(sid, version, meta, manifests, lease=lease.decode() if lease else None)
+
+    async def take_lease(self, sid: str, token: str, ttl_ms: int) -> bool:
+        """Take the session's apply lease if nobody holds it (expires by itself if we die)."""
+        return bool(
+            await _guard(lambda: self.client.set(keys.lease_key(sid), token, nx=True, px=ttl_ms))
+        )
+
+    async def release_lease(self, sid: str, token: str) -> None:
+        """Give the lease back, only if it is still ours."""
+        await _guard(lambda: self._release(keys=[keys.lease_key(sid)], args=[token]))
 
     async def read(
         self,
@@ -243,7 +267,7 @@ class RedisStore:
         except SessionGone:
             await _guard(lambda: self.client.zrem(keys.SESSION_INDEX, sid))
             return False
-        doomed = [keys.meta_key(sid)]
+        doomed = [keys.meta_key(sid), keys.lease_key(sid)]
         doomed += [keys.array_key(sid, t, f) for t, fs in base.manifests.items() for f in fs]
 
         async def run() -> None:
