@@ -46,6 +46,7 @@ def test_a_retried_key_returns_the_first_response_and_applies_nothing(client):
     assert again.json()["version"] == first.json()["version"] == 1
     assert again.json()["applied"] is True
     assert again.json()["params"] == first.json()["params"]  # nothing happened in between
+    assert again.json()["params_version"] == 1 and again.headers["etag"] == '"1"'
     assert client.get(f"/v1/sessions/{sid}").json()["version"] == 1  # applied once
     other = keyed_push(client, sid, grad, "push-2")
     assert other.json()["version"] == 2
@@ -85,10 +86,12 @@ def test_a_key_is_honoured_by_every_replica(server_factory, valkey_server):
         sid = sgd_session(a)
         grad = np.ones(4, np.float32)
         assert keyed_push(a, sid, grad, "cross").json()["version"] == 1
+        push(a, sid, {"w": grad})  # version 2: the replay's params are the current ones
         replay = keyed_push(b, sid, grad, "cross")
         assert replay.headers["idempotency-replayed"] == "true"
-        assert replay.json()["version"] == 1
-        assert b.get(f"/v1/sessions/{sid}").json()["version"] == 1
+        assert replay.json()["version"] == 1 and replay.json()["params_version"] == 2
+        assert replay.headers["etag"] == '"2"'
+        assert b.get(f"/v1/sessions/{sid}").json()["version"] == 2
 
 
 # -- staleness -------------------------------------------------------------------------------------

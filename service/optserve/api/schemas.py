@@ -110,6 +110,9 @@ class PushResponse(BaseModel):
     skipped: str | None = None
     total_norm: float | None = Field(default=None, description="Pre-clip global norm")
     staleness: int | None = Field(default=None, description="Versions behind, if base_version")
+    params_version: int | None = Field(
+        default=None, description="On a replay: the (current) version of the params returned"
+    )
     params: dict[str, Tensor]
 
 

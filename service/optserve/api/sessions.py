@@ -177,11 +177,11 @@ async def push_gradients(
     )
     result = await service.push(sid, push)
     fields: dict[str, Any] = {"version": result.version, "applied": result.applied}
-    for name in ("skipped", "total_norm", "staleness"):
+    for name in ("skipped", "total_norm", "staleness", "params_version"):
         value = getattr(result, name)
         if value is not None:
             fields[name] = value
-    headers = {"ETag": etag(result.version)}
+    headers = {"ETag": etag(result.params_version or result.version)}  # the params' version
     if result.replayed:
         headers["Idempotency-Replayed"] = "true"
     return tensor_response(request, result.params, fields, "params", headers)

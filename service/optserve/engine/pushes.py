@@ -51,6 +51,8 @@ class PushResult:
     staleness: int | None = None
     #: True when this answers a retried Idempotency-Key from the stored first response
     replayed: bool = False
+    #: the version of the params returned, when it is not `version` (a replay's are current)
+    params_version: int | None = None
 
 
 @dataclass
@@ -81,7 +83,11 @@ class BatchPlan:
         return [name for name in config.tensors if name in names]
 
     def finish(
-        self, pushes: Sequence[PushRequest], run: BatchRun, params: Mapping[str, np.ndarray]
+        self,
+        pushes: Sequence[PushRequest],
+        run: BatchRun,
+        params: Mapping[str, np.ndarray],
+        current_version: int,
     ) -> list[PushResult | BaseException]:
         """One result per push, in order; replays carry the current params."""
         out: list[PushResult | BaseException] = []
@@ -104,6 +110,7 @@ class BatchPlan:
                         total_norm=record.get("total_norm"),
                         staleness=record.get("staleness"),
                         replayed=True,
+                        params_version=current_version,
                     )
                 )
         return out

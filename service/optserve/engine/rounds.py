@@ -9,8 +9,10 @@ the push that completes it, or at the deadline the first waiter whose `round_clo
 it. The applier holds a lease (a key with a TTL it keeps refreshing) while it runs, stores the
 result, and `round_settle.lua` marks the round settled and PUBLISHes its number; the other
 pushers sleep on one pattern subscription per process and read the stored result when woken,
-so every replica returns identical bytes. A waiter checks Redis itself only when its timer
-fires: at the round's deadline, and after that when the applier's lease would run out.
+so every replica returns identical bytes (read once per process, however many of its pushers
+wait), and the last pusher served deletes the result arrays (`round_ack.lua`). A waiter checks
+Redis itself only when its timer fires: at the round's deadline, and after that when the
+applier's lease would run out.
 
 Failure behaviour: a round with too few pushes at its deadline fails (`round_timeout`) and
 nothing is applied; an `apply` that raises fails the round with that error for every waiter; an
@@ -53,7 +55,10 @@ MAX_WORKERS = 10_000
 MAX_TIMEOUT_S = 86_400.0
 #: The round pointer outlives any round; it expires a week after the session's last push.
 POINTER_TTL_MS = 7 * 86_400_000
-#: A settled round's result stays readable this many round timeouts (and at least 10 s).
+#: A settled round's result stays readable this many round timeouts (and at least 10 s), for a
+#: pusher that missed the announcement and looks at its deadline; once every pusher of the round
+#: has its result the arrays are deleted at once (round_ack.lua), so fast rounds of a big model
+#: do not pile up results for minutes.
 RESULT_TTL_TIMEOUTS = 3.0
 MIN_RESULT_TTL_S = 10.0
 #: How long an open round, its pushes and a running apply may live past the deadline + grace.
@@ -236,6 +241,8 @@ class RoundCoordinator:
         self._join = client.register_script(_script("round_join.lua"))
         self._close = client.register_script(_script("round_close.lua"))
         self._settle = client.register_script(_script("round_settle.lua"))
+        self._ack_script = client.register_script(_script("round_ack.lua"))
+        self._reads: dict[tuple[str, int], asyncio.Task] = {}
         self._waiters: dict[str, set[_Waiter]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._listener: asyncio.Task | None = None
@@ -266,9 +273,10 @@ class RoundCoordinator:
         with self._watching(sid, waiter):
             await self._subscribed()
             entered = await self._shielded(self._enter(sid, worker, grads, spec, apply, waiter))
-            if isinstance(entered, RoundResult):
-                return entered
-            return await self._await_round(sid, entered, waiter, spec, apply)
+            if isinstance(entered, _Ticket):
+                entered = await self._await_round(sid, entered, waiter, spec, apply)
+        await self._ack(sid, entered)
+        return entered
 
     async def close(self, *, wait_s: float = 30.0) -> None:
         """Let registrations and applies under way finish (up to `wait_s`), then stop.
@@ -635,7 +643,30 @@ class RoundCoordinator:
 
     # -- reading outcomes --------------------------------------------------------------------
 
+    async def _ack(self, sid: str, result: RoundResult) -> None:
+        """Count this pusher as served; the last one deletes the round's result arrays."""
+        names = [rk.round_result_key(sid, result.round, name) for name in result.params]
+        with contextlib.suppress(StoreUnavailable, RedisError):
+            await _guard(lambda: self._ack_script(keys=[rk.round_key(sid, result.round), *names]))
+
     async def _read_outcome(self, sid: str, number: int) -> Outcome | None:
+        """The stored outcome, read once per process however many of its pushers wait for it
+        (a round's params can be megabytes)."""
+        key = (sid, number)
+        task = self._reads.get(key)
+        if task is None:
+            task = asyncio.create_task(self._fetch_outcome(sid, number))
+            self._reads[key] = task
+            task.add_done_callback(lambda done: self._finish_read(key, done))
+        return await asyncio.shield(task)
+
+    def _finish_read(self, key: tuple[str, int], task: asyncio.Task) -> None:
+        if self._reads.get(key) is task:
+            del self._reads[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every reader may have gone away
+
+    async def _fetch_outcome(self, sid: str, number: int) -> Outcome | None:
         """The settled outcome stored in Redis, or None while the round is unsettled."""
         fields = ("state", "version", "result", "applied", "code", "detail", "extra")
         raw = await _guard(lambda: self._client.hmget(rk.round_key(sid, number), fields))

@@ -420,7 +420,7 @@ class SessionService:
                 return None
             except SessionGone:
                 raise not_found(sid) from None
-        return plan.finish(pushes, run, params)
+        return plan.finish(pushes, run, params, snap.version + run.applied)
 
     async def _plan(
         self, sid: str, config: SessionConfig, pushes: Sequence[PushRequest]
