@@ -29,7 +29,14 @@ class Optimizer(BaseModel):
 
 
 class Mode(BaseModel):
-    type: Literal["async"] = "async"
+    type: Literal["async", "sync"] = "async"
+    workers: int | None = Field(default=None, ge=1, description="sync: pushes per round")
+    timeout_s: float | None = Field(
+        default=None, gt=0, description="sync: a round closes this long after its first push"
+    )
+    min_workers: int | None = Field(
+        default=None, ge=1, description="sync: fewest pushes a timed-out round may apply"
+    )
 
 
 class SessionCreate(BaseModel):
@@ -113,6 +120,8 @@ class PushResponse(BaseModel):
     params_version: int | None = Field(
         default=None, description="On a replay: the (current) version of the params returned"
     )
+    round: int | None = Field(default=None, description="sync: the round this push joined")
+    round_workers: int | None = Field(default=None, description="sync: pushes in that round")
     params: dict[str, Tensor]
 
 

@@ -177,7 +177,7 @@ async def push_gradients(
     )
     result = await service.push(sid, push)
     fields: dict[str, Any] = {"version": result.version, "applied": result.applied}
-    for name in ("skipped", "total_norm", "staleness", "params_version"):
+    for name in ("skipped", "total_norm", "staleness", "params_version", "round", "round_workers"):
         value = getattr(result, name)
         if value is not None:
             fields[name] = value

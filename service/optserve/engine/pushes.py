@@ -53,6 +53,9 @@ class PushResult:
     replayed: bool = False
     #: the version of the params returned, when it is not `version` (a replay's are current)
     params_version: int | None = None
+    #: sync mode: the round this push was applied in, and how many pushes it averaged
+    round: int | None = None
+    round_workers: int | None = None
 
 
 @dataclass

@@ -12,6 +12,7 @@ import numpy as np
 from ..optim import Algorithm, HyperparameterError, get_algorithm
 from ..optim.schedules import Schedule, make_schedule
 from .errors import invalid_session
+from .rounds import RoundSpec
 
 NONFINITE_POLICIES = ("reject", "skip")
 STALENESS_POLICIES = ("reject", "scale")
@@ -58,6 +59,11 @@ class SessionConfig:
     @property
     def algorithm(self) -> Algorithm:
         return get_algorithm(self.optimizer)
+
+    @property
+    def round_spec(self) -> RoundSpec | None:
+        """Sync mode's rounds, or None for async sessions."""
+        return RoundSpec.from_mode(self.mode) if self.mode.get("type") == "sync" else None
 
     @property
     def schedule(self) -> Schedule:
@@ -138,8 +144,10 @@ def build_config(
     if name is not None and (not isinstance(name, str) or len(name) > 256):
         raise invalid_session('"name" must be a string of at most 256 characters')
     mode = {"type": "async"} if mode is None else mode
-    if not isinstance(mode, Mapping) or mode.get("type") != "async" or set(mode) != {"type"}:
-        raise invalid_session('"mode" must be {"type": "async"} (sync rounds come later)')
+    if isinstance(mode, Mapping) and mode.get("type") == "sync":
+        mode = RoundSpec.from_mode(mode).to_mode()
+    elif not isinstance(mode, Mapping) or mode.get("type") != "async" or set(mode) != {"type"}:
+        raise invalid_session('"mode" must be {"type": "async"} or {"type": "sync", ...}')
     if lr_schedule is not None and not isinstance(lr_schedule, Mapping):
         raise invalid_session('"lr_schedule" must be an object')
     schedule = make_schedule(lr_schedule)

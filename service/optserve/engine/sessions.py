@@ -30,6 +30,7 @@ from .batcher import Batcher
 from .errors import EngineError, invalid_session, not_found
 from .events import VersionEvents
 from .pushes import BatchPlan, PushRequest, PushResult, key_reused, run_pushes
+from .rounds import RoundCoordinator
 from .session_config import SessionConfig, build_config, check_shape, check_tensor_name
 from .state_io import check_tensor_state, stepped_layout
 
@@ -61,8 +62,11 @@ class SessionService:
         group_commit: bool = True,
         idempotency_ttl_s: float = 86_400.0,
         events: VersionEvents | None = None,
+        rounds: RoundCoordinator | None = None,
     ) -> None:
         self.store = store
+        self.rounds = rounds or RoundCoordinator(store.client)
+        self._modes: dict[str, dict[str, Any]] = {}
         self.idempotency_ttl_s = idempotency_ttl_s
         self.events = events
         self._batcher: Batcher[PushRequest, PushResult] = Batcher(
@@ -72,6 +76,7 @@ class SessionService:
 
     async def close(self) -> None:
         """Stop the appliers (shutdown): queued pushes that never started are cancelled."""
+        await self.rounds.close()
         await self._batcher.close()
 
     def _lock(self, sid: str) -> asyncio.Lock:
@@ -190,6 +195,7 @@ class SessionService:
         return self.view(await self._meta(sid))
 
     async def delete(self, sid: str) -> None:
+        self._modes.pop(sid, None)
         if not await self.store.delete(sid):
             raise not_found(sid)
 
@@ -333,10 +339,88 @@ class SessionService:
     # -- pushing gradients -----------------------------------------------------------------------
 
     async def push(self, sid: str, request: PushRequest) -> PushResult:
-        """Queue one push for the session's applier; returns once it is committed (or refused)."""
+        """One push: async sessions queue it for the session's applier (its own step); sync
+        sessions add it to the open round (one step on the round's mean gradient)."""
         if not request.grads:
             raise invalid_session("a push needs at least one gradient")
+        mode = self._modes.get(sid)
+        if mode is None:  # a session's mode never changes: read it once per process
+            mode = self._modes[sid] = self.config_of(await self._meta(sid)).mode
+            if len(self._modes) > 100_000:
+                self._modes.pop(next(iter(self._modes)))
+        if mode.get("type") == "sync":
+            return await self._push_sync(sid, request)
         return await self._batcher.submit(sid, request)
+
+    async def _push_sync(self, sid: str, request: PushRequest) -> PushResult:
+        """Join the session's open round and wait for it (a barrier across every replica).
+
+        Idempotency-Key: a key whose round was applied replays it; the record is written after
+        the round, so a crash between the two could let a retry join a later round (the `worker`
+        duplicate check still keeps one worker out of a round twice).
+        """
+        meta = await self._meta(sid)
+        config = self.config_of(meta)
+        spec = config.round_spec
+        assert spec is not None
+        digest = request.key_digest
+        if digest is not None:
+            stored = await self.store.read_idempotency(sid, [digest])
+            if digest in stored:
+                first = orjson.loads(stored[digest])
+                if first["request"] != request.body_digest:
+                    raise key_reused()
+                current = await self.get_params(sid, self._returned_names(config, request))
+                return PushResult(
+                    version=first["version"],
+                    params=current.params,
+                    applied=first["applied"],
+                    round=first.get("round"),
+                    replayed=True,
+                    params_version=current.version,
+                )
+        try:
+            grads = check_gradients(config.tensors, request.grads)
+        except GradientError as error:
+            raise EngineError(error.code, str(error), tensor=error.tensor) from None
+        bad = find_non_finite(grads)
+        if bad and config.nonfinite == "reject":
+            raise EngineError(
+                "non_finite",
+                f"non-finite values (NaN or inf) in gradient(s): {', '.join(bad)}",
+                tensors=bad,
+            )
+        if bad:  # "skip": this worker sits the round out
+            current = await self.get_params(sid, self._returned_names(config, request))
+            return PushResult(current.version, current.params, False, skipped="non_finite")
+
+        async def apply(number: int, mean: dict[str, np.ndarray], pushes: int):
+            step = await self._batcher.submit(sid, PushRequest(grads=mean, returning="all"))
+            return step.version, step.params
+
+        result = await self.rounds.join(sid, request.worker, grads, spec, apply)
+        if digest is not None:
+            record = {"request": request.body_digest, "version": result.version}
+            record |= {"applied": True, "round": result.round}
+            await self.store.put_idempotency(
+                sid, digest, orjson.dumps(record).decode(), int(self.idempotency_ttl_s * 1000)
+            )
+        names = self._returned_names(config, request)
+        return PushResult(
+            version=result.version,
+            params={name: result.params[name] for name in names},
+            applied=True,
+            round=result.round,
+            round_workers=result.workers,
+        )
+
+    @staticmethod
+    def _returned_names(config: SessionConfig, request: PushRequest) -> list[str]:
+        if request.returning == "none":
+            return []
+        if request.returning == "all":
+            return list(config.tensors)
+        return [name for name in config.tensors if name in request.grads]
 
     async def _apply_batch(
         self, sid: str, pushes: Sequence[PushRequest]

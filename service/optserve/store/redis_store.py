@@ -254,6 +254,11 @@ class RedisStore:
         )
         return {d: v.decode() for d, v in zip(digests, values, strict=True) if v is not None}
 
+    async def put_idempotency(self, sid: str, digest: str, record: str, ttl_ms: int) -> None:
+        """Store a response record outside a commit (sync rounds); the first one wins."""
+        key = keys.idempotency_key(sid, digest)
+        await _guard(lambda: self.client.set(key, record, nx=True, px=ttl_ms))
+
     async def version(self, sid: str) -> int:
         raw = await _guard(lambda: self.client.hget(keys.meta_key(sid), keys.VERSION_FIELD))
         if raw is None:
