@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: venv test lint run bench bench-optim bench-concurrency clean
+.PHONY: venv test lint tools run bench bench-optim bench-concurrency openapi clean
 
 venv: $(STAMP)
 
@@ -22,8 +22,18 @@ lint: $(STAMP)
 run: $(STAMP)
 	$(BIN)/optserve serve --host $(HOST) --port $(PORT)
 
-test: lint
+# The JS and Go clients' tests run inside pytest against a real server; they need node and go.
+tools:
+	@command -v node >/dev/null 2>&1 || echo "node not found: the JS client tests will be skipped"
+	@command -v go >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq golang-go >/dev/null) \
+		|| echo "go could not be installed: the Go client tests will be skipped"
+
+test: lint tools
 	$(BIN)/python -m pytest
+
+# Regenerate the committed API contract after changing a route (a test fails until you do).
+openapi: $(STAMP)
+	$(BIN)/optserve openapi --output clients/openapi.json
 
 # Benchmarks are not tests: they write BENCHMARKS.md. Run them on an otherwise idle machine.
 bench: bench-optim bench-concurrency

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
 import uvicorn
 
@@ -22,6 +25,19 @@ def serve(args: argparse.Namespace) -> None:
     )
 
 
+def openapi_document() -> str:
+    """The API's OpenAPI document as stable text (sorted keys), as committed in clients/."""
+    return json.dumps(create_app(Settings()).openapi(), indent=2, sort_keys=True) + "\n"
+
+
+def openapi(args: argparse.Namespace) -> None:
+    text = openapi_document()
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="optserve", description="Optimizer as a service.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -31,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     serve_parser.add_argument("--port", type=int, help="port (default: OPTSERVE_PORT or 8000)")
     serve_parser.set_defaults(run=serve)
+    openapi_parser = commands.add_parser("openapi", help="print the OpenAPI document")
+    openapi_parser.add_argument("--output", help="write it to this file instead")
+    openapi_parser.set_defaults(run=openapi)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -141,6 +141,31 @@ class StatePut(BaseModel):
     lr_schedule_state: dict[str, Any] | None = None
 
 
+class Problem(BaseModel):
+    """RFC 9457 problem details, plus our stable `code` and any members naming the cause."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str = Field(description="Stable error code, e.g. session_not_found, non_finite")
+
+
+_PROBLEM = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+#: Error responses of every /v1 route (problem+json, never FastAPI's default validation shape).
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": Problem, "description": description, "content": _PROBLEM}
+    for status, description in (
+        (400, "Malformed body"),
+        (404, "No such session"),
+        (413, "Body too large"),
+        (415, "Unsupported media type"),
+        (422, "Invalid request"),
+        (503, "Store unavailable"),
+    )
+}
+
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 TENSOR_RESPONSE: dict[int | str, dict[str, Any]] = {200: {"content": {SAFETENSORS: _BINARY}}}
 

@@ -22,7 +22,7 @@ from .http import (
 )
 from .state_wire import decode_state, encode_state
 
-router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"], responses=schemas.ERRORS)
 
 CREATE_FIELDS = {
     "optimizer", "tensors", "mode", "lr_schedule", "clip_grad_norm", "nonfinite", "name",
