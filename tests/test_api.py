@@ -115,7 +115,7 @@ def test_push_json_and_safetensors_give_the_same_result(client):
     assert response.status_code == 200, response.text
     assert response.headers["etag"] == '"1"'
     st_tensors, st_fields = st_parse(response.content)
-    assert st_fields == {"version": 1, "applied": True, "staleness": 0}
+    assert st_fields == {"version": 1, "applied": True, "staleness": 0, "lr": 0.01}
     assert json_result["version"] == 1 and json_result["applied"] is True
     for name in grads:
         np.testing.assert_array_equal(from_json(json_result["params"][name]), st_tensors[name])
@@ -134,7 +134,7 @@ def test_absent_tensor_is_skipped_and_return_modes(client):
     none = client.post(
         f"/v1/sessions/{sid}/gradients?return=none", json={"grads": {"w": tensor(W0)}}
     ).json()
-    assert none == {"version": 3, "applied": True, "params": {}}
+    assert none == {"version": 3, "applied": True, "lr": 0.01, "params": {}}
     exported = client.get(f"/v1/sessions/{sid}/state").json()["tensors"]
     assert exported["w"]["step"] == 2.0 and exported["b"]["step"] == 1.0  # per-tensor steps
 
@@ -193,12 +193,14 @@ def test_lr_schedule_and_clipping_through_the_api(client):
         client, {"name": "sgd", "lr": 1.0}, {"w": W0}, lr_schedule=schedule, clip_grad_norm=0.1
     )["id"]
     assert client.get(f"/v1/sessions/{sid}").json()["lr_schedule"] == schedule
-    lrs = []
+    lrs, next_lrs = [], []
     for _ in range(5):
         lrs.append(client.get(f"/v1/sessions/{sid}").json()["lr"])
         result = push(client, sid, {"w": np.ones((2, 3), np.float32)})
         assert result["total_norm"] == pytest.approx(np.sqrt(6), rel=1e-6)
+        next_lrs.append(result["lr"])
     assert lrs == [1.0, 1.0, 0.5, 0.5, 0.25]
+    assert next_lrs == [1.0, 0.5, 0.5, 0.25, 0.25]
 
 
 def test_patch_lr_takes_effect_on_the_next_push(client):
@@ -311,6 +313,16 @@ def test_state_import_is_validated_and_changes_nothing(client):
     doc["lr_schedule"] = {"type": "exponential", "gamma": 0.5}
     assert_problem(client.put(f"/v1/sessions/{sid}/state", json=doc), 422, "invalid_state")
     assert state(client, sid) == before
+
+
+def test_state_import_with_a_new_lr_sets_the_lr_used_next(client):
+    sid = adam_session(client)  # lr 0.01
+    doc = client.get(f"/v1/sessions/{sid}/state").json()
+    doc["optimizer"]["lr"] = 0.5
+    del doc["lr_schedule_state"]  # like torch's load_state_dict: the group's lr is what counts
+    assert client.put(f"/v1/sessions/{sid}/state", json=doc).status_code == 200
+    session = client.get(f"/v1/sessions/{sid}").json()
+    assert session["optimizer"]["lr"] == session["lr"] == 0.5
 
 
 def test_one_million_parameters_round_trip_through_safetensors(client):

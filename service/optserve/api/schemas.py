@@ -120,6 +120,7 @@ class PushResponse(BaseModel):
     params_version: int | None = Field(
         default=None, description="On a replay: the (current) version of the params returned"
     )
+    lr: float | None = Field(default=None, description="The lr the next update will use")
     round: int | None = Field(default=None, description="sync: the round this push joined")
     round_workers: int | None = Field(default=None, description="sync: pushes in that round")
     params: dict[str, Tensor]

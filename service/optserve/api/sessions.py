@@ -177,7 +177,16 @@ async def push_gradients(
     )
     result = await service.push(sid, push)
     fields: dict[str, Any] = {"version": result.version, "applied": result.applied}
-    for name in ("skipped", "total_norm", "staleness", "params_version", "round", "round_workers"):
+    optional = (
+        "skipped",
+        "total_norm",
+        "staleness",
+        "params_version",
+        "lr",
+        "round",
+        "round_workers",
+    )
+    for name in optional:
         value = getattr(result, name)
         if value is not None:
             fields[name] = value

@@ -53,6 +53,8 @@ class PushResult:
     replayed: bool = False
     #: the version of the params returned, when it is not `version` (a replay's are current)
     params_version: int | None = None
+    #: the lr the session's next update will use (a schedule may have moved it)
+    lr: float | None = None
     #: sync mode: the round this push was applied in, and how many pushes it averaged
     round: int | None = None
     round_workers: int | None = None
@@ -190,6 +192,7 @@ def run_pushes(
                 True,
                 total_norm=result.total_norm,
                 staleness=staleness,
+                lr=run.schedule.lr,
             )
         run.outcomes[index] = outcome
         if push.key_digest is not None:

@@ -635,11 +635,13 @@ class SessionService:
                 checked = check_tensor_state(name, state, shape, layout)
                 self._check_known(config, {name: np.asarray(entry["param"])})
                 writes[name] = {"param": to_bytes(entry["param"]), **state_to_fields(checked)}
-            schedule = ScheduleState.from_dict(
-                schedule_state
-                if schedule_state is not None
-                else orjson.loads(snap.meta["schedule"])
-            )
+            if schedule_state is not None:
+                schedule = ScheduleState.from_dict(schedule_state)
+            else:
+                schedule = ScheduleState.from_dict(orjson.loads(snap.meta["schedule"]))
+                if optimizer is not None and "lr" in optimizer:
+                    # torch's load_state_dict sets group["lr"]: the next step uses it (as PATCH)
+                    schedule = schedule.with_lr(config.hyperparameters["lr"])
             meta = {
                 "config": orjson.dumps(config.to_json()).decode(),
                 "schedule": orjson.dumps(schedule.to_dict()).decode(),
