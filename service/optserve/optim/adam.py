@@ -27,35 +27,14 @@ def _kernel(
     m,
     v,
     vmax,
-    maximize,
-    l2,
-    wd,
-    decoupled,
-    decay,
-    one_minus_beta1,
-    beta2,
-    one_minus_beta2,
+    moments,
     amsgrad,
     bias_correction2_sqrt,
     eps,
     neg_step_size,
 ):
     for i in range(p.shape[0]):
-        param, _, mi, vi = adam_moments(
-            i,
-            p,
-            g,
-            m,
-            v,
-            maximize,
-            l2,
-            wd,
-            decoupled,
-            decay,
-            one_minus_beta1,
-            beta2,
-            one_minus_beta2,
-        )
+        param, _, mi, vi = adam_moments(i, p, g, m, v, moments)
         if amsgrad:
             vi = maximum(vmax[i], vi)  # the max of the raw v, bias-corrected afterwards
             vmax[i] = vi
@@ -99,7 +78,7 @@ def step_adam(
             flat(state["exp_avg_sq"]),
             flat(state.get("max_exp_avg_sq")),
         ),
-        *moment_scalars(hp, lr, decoupled),
+        moment_scalars(hp, lr, decoupled),
         hp["amsgrad"],
         F32(bias_correction2_sqrt),
         F32(hp["eps"]),

@@ -73,11 +73,13 @@ def grad_term(grad, param, maximize, l2, weight_decay):
 
 
 @njit(**INLINE)
-def adam_moments(
-    i, p, g, m, v, maximize, l2, wd, decoupled, decay, one_minus_beta1, beta2, one_minus_beta2
-):
+def adam_moments(i, p, g, m, v, scalars):
     """Element i's start shared by Adam, NAdam and RAdam: AdamW-style decay of the param, the
-    gradient term, and both moment EMAs (written back). Returns (param, grad term, m, v)."""
+    gradient term, and both moment EMAs (written back). Returns (param, grad term, m, v).
+
+    `scalars` is `moment_scalars(...)`: one tuple argument instead of eight.
+    """
+    maximize, l2, wd, decoupled, decay, one_minus_beta1, beta2, one_minus_beta2 = scalars
     param = F32(p[i] * decay) if decoupled else p[i]
     d = grad_term(g[i], param, maximize, l2, wd)
     mi = lerp(m[i], d, one_minus_beta1)
@@ -88,19 +90,13 @@ def adam_moments(
 
 
 def moment_scalars(hp, lr: float, decoupled: bool) -> tuple:
-    """The float32 kernel arguments of `adam_moments`, computed in float64 as torch does."""
+    """The float32 arguments of `adam_moments`, computed in float64 as torch does."""
     beta1, beta2 = hp["betas"]
     wd = hp["weight_decay"]
     return (
-        hp["maximize"],
-        wd != 0 and not decoupled,
-        F32(wd),
-        wd != 0 and decoupled,
-        F32(1 - lr * wd),
-        F32(1 - beta1),
-        F32(beta2),
-        F32(1 - beta2),
-    )
+        hp["maximize"], wd != 0 and not decoupled, F32(wd), wd != 0 and decoupled,
+        F32(1 - lr * wd), F32(1 - beta1), F32(beta2), F32(1 - beta2),
+    )  # fmt: skip
 
 
 # -- launching -----------------------------------------------------------------------------------

@@ -19,35 +19,14 @@ def _kernel(
     g,
     m,
     v,
-    maximize,
-    l2,
-    wd,
-    decoupled,
-    decay,
-    one_minus_beta1,
-    beta2,
-    one_minus_beta2,
+    moments,
     bias_correction2,
     eps,
     grad_value,
     avg_value,
 ):
     for i in range(p.shape[0]):
-        param, d, mi, vi = adam_moments(
-            i,
-            p,
-            g,
-            m,
-            v,
-            maximize,
-            l2,
-            wd,
-            decoupled,
-            decay,
-            one_minus_beta1,
-            beta2,
-            one_minus_beta2,
-        )
+        param, d, mi, vi = adam_moments(i, p, g, m, v, moments)
         denom = F32(np.sqrt(F32(vi / bias_correction2))) + eps  # divided inside the root
         param = addcdiv(param, d, denom, grad_value)
         p[i] = addcdiv(param, mi, denom, avg_value)
@@ -84,7 +63,7 @@ def update(
             state["exp_avg"].reshape(-1),
             state["exp_avg_sq"].reshape(-1),
         ),
-        *moment_scalars(hp, lr, hp["decoupled_weight_decay"]),
+        moment_scalars(hp, lr, hp["decoupled_weight_decay"]),
         F32(1 - beta2**t),
         F32(hp["eps"]),
         F32(grad_value),

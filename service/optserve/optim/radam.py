@@ -17,14 +17,7 @@ def _kernel(
     g,
     m,
     v,
-    maximize,
-    l2,
-    wd,
-    decoupled,
-    decay,
-    one_minus_beta1,
-    beta2,
-    one_minus_beta2,
+    moments,
     bias_correction1,
     lr,
     rectified,
@@ -33,21 +26,7 @@ def _kernel(
     rect,
 ):
     for i in range(p.shape[0]):
-        param, _, mi, vi = adam_moments(
-            i,
-            p,
-            g,
-            m,
-            v,
-            maximize,
-            l2,
-            wd,
-            decoupled,
-            decay,
-            one_minus_beta1,
-            beta2,
-            one_minus_beta2,
-        )
+        param, _, mi, vi = adam_moments(i, p, g, m, v, moments)
         step = F32(F32(mi / bias_correction1) * lr)
         if rectified:
             # sqrt(bc2) / (sqrt(v) + eps) is torch's __rdiv__: a reciprocal, then a scale.
@@ -84,7 +63,7 @@ def update(
             state["exp_avg"].reshape(-1),
             state["exp_avg_sq"].reshape(-1),
         ),
-        *moment_scalars(hp, lr, hp["decoupled_weight_decay"]),
+        moment_scalars(hp, lr, hp["decoupled_weight_decay"]),
         F32(1 - beta1**t),
         F32(lr),
         rectified,
