@@ -273,3 +273,26 @@ def test_store_outage_is_503_and_recovers_without_restart(server_factory, tmp_pa
             assert push(client, sid, {"w": np.ones((2, 3), np.float32)})["version"] == 2
     finally:
         store.stop()
+
+
+def test_cors_for_configured_origins_only(server_factory, valkey_server):
+    server = server_factory(
+        OPTSERVE_REDIS_URL=valkey_server.url, OPTSERVE_CORS_ORIGINS='["https://app.example"]'
+    )
+    with httpx.Client(base_url=server.url) as client:
+        preflight = client.options(
+            "/v1/sessions",
+            headers={
+                "origin": "https://app.example",
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "content-type,idempotency-key",
+            },
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+        sid = create(client, {"name": "sgd"}, {"w": W0})["id"]
+        pulled = client.get(f"/v1/sessions/{sid}/params", headers={"origin": "https://app.example"})
+        exposed = pulled.headers["access-control-expose-headers"].lower()
+        assert "etag" in exposed and "idempotency-replayed" in exposed
+        other = client.get("/healthz", headers={"origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers

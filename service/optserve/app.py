@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from anyio import to_thread
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from . import __version__
 from .api import health, problems, sessions
@@ -61,6 +62,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    if settings.cors_origins:
+        # Browsers may call from these origins and read the headers the clients rely on.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["ETag", "Idempotency-Replayed", "Retry-After", "Location"],
+            max_age=600,
+        )
     problems.install(app)
     app.include_router(health.router)
     app.include_router(sessions.router)

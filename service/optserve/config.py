@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     idempotency_ttl_s: float = Field(
         default=86_400.0, gt=0, description="How long an Idempotency-Key's response is kept."
     )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins allowed to call the API (JSON list, e.g. "
+        '["https://app.example"]); empty: no CORS headers.',
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @property
