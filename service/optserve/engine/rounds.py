@@ -288,14 +288,9 @@ class RoundCoordinator:
         pending = set(self._tasks)
         if pending:
             _, late = await asyncio.wait(pending, timeout=wait_s)
-            for task in late:
-                task.cancel()
-            if late:
-                await asyncio.wait(late)
+            await _cancel(late)
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            await _cancel({self._listener})
             self._listener = None
 
     # -- entering a round --------------------------------------------------------------------
@@ -492,7 +487,8 @@ class RoundCoordinator:
         waiters elsewhere know this process is alive.
         """
         self._expect_local(sid, number)
-        beat = asyncio.create_task(self._heartbeat(sid, number, timing))
+        stop = asyncio.Event()
+        beat = asyncio.create_task(self._heartbeat(sid, number, timing, stop))
         outcome: Outcome = _Failure("round_timeout", f"round {number} was not applied")
         pushes: list[_Push] = []
         try:
@@ -509,6 +505,7 @@ class RoundCoordinator:
             await self._settle_done(sid, number, token, result, timing)
             return result
         finally:
+            stop.set()
             beat.cancel()
             self._hand_local(sid, number, outcome)
             with contextlib.suppress(StoreUnavailable, RedisError):
@@ -526,9 +523,14 @@ class RoundCoordinator:
         return pushes
 
     async def _mean(self, sid: str, number: int, pushes: Sequence[_Push]) -> dict[str, np.ndarray]:
-        """Per tensor, the mean over the pushes that sent it: summed in float64 and rounded
-        once to float32, which is the correctly rounded mean whenever the float64 sum is exact
-        (values within about 2^28 of each other in magnitude, per element)."""
+        """Per tensor, the mean over the pushes that sent it: summed in float64, divided once,
+        rounded once to float32.
+
+        That is the correctly rounded mean whenever the float64 sum is exact and leaves
+        log2(n) bits spare, i.e. per element the n values span fewer than about
+        29 - 2*log2(n) binades (25 for n = 4); beyond that it can be one float32 ulp off, and
+        is still the same whatever the arrival order, since pushes are summed sorted by worker.
+        """
         names: dict[str, tuple[int, ...]] = {}
         for push in pushes:
             for name, shape in push.shapes.items():
@@ -567,16 +569,21 @@ class RoundCoordinator:
                 )
         return blobs
 
-    async def _heartbeat(self, sid: str, number: int, timing: _Timing) -> None:
-        """Keep the lease (and the round) alive while this process applies the round."""
+    async def _heartbeat(self, sid: str, number: int, timing: _Timing, stop: asyncio.Event) -> None:
+        """Keep the lease alive while this process applies the round.
+
+        Stops on `stop` as well as on cancellation: Python 3.11's wait_for (inside redis-py)
+        can swallow a cancel, and a heartbeat that outlived its apply would keep the round's
+        waiters waiting for a result that never comes.
+        """
         every = max(timing.lease_ms / 3000, 0.01)
-        while True:
-            await asyncio.sleep(every)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every)
+            if stop.is_set():
+                return
             try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    pipe.pexpire(rk.round_lease_key(sid, number), timing.lease_ms)
-                    pipe.pexpire(rk.round_key(sid, number), timing.open_ms)
-                    await pipe.execute()
+                await self._client.pexpire(rk.round_lease_key(sid, number), timing.lease_ms)
             except (RedisError, OSError) as error:
                 log.warning("round %s of %s: lease refresh failed: %s", number, sid, error)
 
@@ -811,6 +818,20 @@ class RoundCoordinator:
         self._tasks.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: the caller may have gone away
+
+
+async def _cancel(tasks: set[asyncio.Task], *, patience_s: float = 0.5, tries: int = 20) -> None:
+    """Cancel tasks and wait for them, cancelling again if one swallowed it: on Python 3.11 a
+    cancel that races a completing `asyncio.wait_for` (redis-py uses it when it reconnects and
+    sends) is lost, and a single cancel could then wait forever on a blocking read."""
+    pending = {task for task in tasks if not task.done()}
+    for _ in range(tries):
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=patience_s)
+    log.warning("%d round task(s) did not stop when cancelled", len(pending))
 
 
 def _batches(names: Mapping[str, tuple[int, ...]], pushes: int) -> Iterator[list[str]]:
