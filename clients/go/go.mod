@@ -1,0 +1,3 @@
+module optserve.dev/client
+
+go 1.19
