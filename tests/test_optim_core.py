@@ -317,3 +317,16 @@ def test_update_with_clipping_matches_torch_clip_then_step(max_norm):
     for name in initial:
         expected = reference.tensors[reference.names.index(name)].detach().numpy()
         assert ulps(params[name], expected, initial[name]).max() <= 4
+
+
+@pytest.mark.parametrize("where", [0, 2_999_999])
+def test_non_finite_found_anywhere_in_a_large_gradient(where):
+    """Above the parallel threshold the check is split across threads: every part counts."""
+    algorithm = get_algorithm("sgd")
+    hp = algorithm.configure({"lr": 0.1})
+    params = {"w": np.zeros(3_000_000, np.float32)}
+    grad = np.ones(3_000_000, np.float32)
+    grad[where] = np.nan
+    with pytest.raises(NonFiniteGradientError):
+        apply_update(algorithm, hp, params, {"w": grad}, {}, hp["lr"])
+    assert not params["w"].any()
