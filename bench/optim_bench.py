@@ -107,6 +107,7 @@ def allocation_growth(name: str) -> int:
 
 def run(sizes: tuple[int, ...], names: list[str]) -> list[str]:
     rng = np.random.default_rng(0)
+    ratios: dict[tuple[str, int], float] = {}
     lines = [
         "## Optimizer update: optserve vs torch.optim CPU step",
         "",
@@ -121,6 +122,7 @@ def run(sizes: tuple[int, ...], names: list[str]) -> list[str]:
         "- reproduce: `make bench-optim`",
         "",
     ]
+    header_end = len(lines)
     for size in sizes:
         lines += [
             f"### {size:.0e} elements",
@@ -132,6 +134,7 @@ def run(sizes: tuple[int, ...], names: list[str]) -> list[str]:
         for name in names:
             ours = time_optserve(name, size, rng)
             floor = time_torch(name, size, fused=False)
+            ratios[(name, size)] = ours / floor
             has_fused = ALGORITHMS[name][1]
             fused = time_torch(name, size, fused=True) if has_fused else None
             growth = allocation_growth(name) if size == sizes[0] else None
@@ -143,7 +146,25 @@ def run(sizes: tuple[int, ...], names: list[str]) -> list[str]:
             )
             print(lines[-1], flush=True)
         lines.append("")
-    return lines
+    return [*lines[:header_end], *verdict(ratios), "", *lines[header_end:]]
+
+
+TARGET_SIZES, TARGET_RATIO = (10**6, 10**7), 1.5
+
+
+def verdict(ratios: dict[tuple[str, int], float]) -> list[str]:
+    """Whether this run met the target: every algorithm at most 1.5x the floor at 1e6 and 1e7."""
+    judged = {key: ratio for key, ratio in ratios.items() if key[1] in TARGET_SIZES}
+    if not judged:
+        return [
+            "Target (at most 1.5x the floor at 1e6 and 1e7 elements): not measured in this run."
+        ]
+    (name, size), worst = max(judged.items(), key=lambda item: item[1])
+    met = "met" if worst <= TARGET_RATIO else "NOT met"
+    return [
+        f"Target (every algorithm at most {TARGET_RATIO}x the floor at 1e6 and 1e7 elements): "
+        f"**{met}** in this run; the worst ratio was {worst:.2f} ({name} at {size:.0e})."
+    ]
 
 
 def main() -> None:
