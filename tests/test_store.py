@@ -49,11 +49,11 @@ async def test_create_then_read_everything(store):
     snap = await store.read("s1", state_of=["b"])
     assert snap.version == 0
     assert snap.meta["config"] == "{}"
-    assert snap.manifests == {"w": ("param",), "b": ("param", "step")}
+    assert snap.manifests == {"w": {"param": 1}, "b": {"param": 1, "step": 1}}
     assert snap.arrays == {
-        ("w", "param"): f32(1, 2, 3),
-        ("b", "param"): f32(4),
-        ("b", "step"): f32(0),
+        ("w", "param"): [f32(1, 2, 3)],
+        ("b", "param"): [f32(4)],
+        ("b", "step"): [f32(0)],
     }
     only_w = await store.read("s1", params=["w"])
     assert set(only_w.arrays) == {("w", "param")}
@@ -70,8 +70,8 @@ async def test_commit_is_compare_and_set(store, redis_url):
     assert caught.value.current == 1
     snap = await store.read("s1", state_of=["w"])
     assert snap.version == 1 and snap.meta["x"] == "1"
-    assert snap.arrays[("w", "param")] == f32(1)
-    assert snap.manifests["w"] == ("exp_avg", "param")
+    assert snap.arrays[("w", "param")] == [f32(1)]
+    assert snap.manifests["w"] == {"exp_avg": 1, "param": 1}
     assert not any(b":stage:" in key for key in session_keys(redis_url, "s1"))
 
 
@@ -80,7 +80,7 @@ async def test_replace_state_deletes_arrays_not_written(store, redis_url):
     base = await store.read("s1")
     await store.commit(base, {"w": {"param": f32(5)}}, replace_state=["w"])
     snap = await store.read("s1", state_of=["w"])
-    assert snap.manifests["w"] == ("param",)
+    assert snap.manifests["w"] == {"param": 1}
     assert session_keys(redis_url, "s1") == sorted(
         [keys.meta_key("s1").encode(), keys.array_key("s1", "w", "param").encode()]
     )
@@ -130,7 +130,7 @@ async def test_concurrent_read_modify_write_loses_nothing(redis_url):
             for _ in range(increments):
                 while True:
                     snap = await store.read("s1")
-                    value = np.frombuffer(snap.arrays[("w", "param")], "<f4") + 1
+                    value = np.frombuffer(snap.arrays[("w", "param")][0], "<f4") + 1
                     try:
                         await store.commit(snap, {"w": {"param": value.tobytes()}})
                         break
@@ -145,7 +145,7 @@ async def test_concurrent_read_modify_write_loses_nothing(redis_url):
     snap = await check.read("s1")
     await check.close()
     assert snap.version == 200
-    np.testing.assert_array_equal(np.frombuffer(snap.arrays[("w", "param")], "<f4"), [200, 200])
+    np.testing.assert_array_equal(np.frombuffer(snap.arrays[("w", "param")][0], "<f4"), [200, 200])
 
 
 async def test_unreachable_store_raises_store_unavailable():
@@ -158,5 +158,33 @@ async def test_unreachable_store_raises_store_unavailable():
             await store.ping()
         with pytest.raises(StoreUnavailable):
             await store.read("s1")
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("elements", [0, 1, 15, 16, 17, 32, 33, 100])
+async def test_arrays_are_chunked_at_any_size(redis_url, elements):
+    """Chunks of 64 bytes (16 float32): sizes below, at and across chunk edges round-trip, every
+    stored value stays within the chunk size, and deleting removes every chunk."""
+    store = RedisStore.from_url(redis_url, chunk_bytes=64)
+    try:
+        data = np.arange(elements, dtype="<f4")
+        await store.create("c", {}, {"w": {"param": memoryview(data).cast("B")}})
+        expected_chunks = max(1, -(-elements // 16))
+        snap = await store.read("c")
+        assert snap.manifests["w"] == {"param": expected_chunks}
+        assert b"".join(snap.arrays[("w", "param")]) == data.tobytes()
+        client = redis.Redis.from_url(redis_url)
+        sizes = [client.strlen(key) for key in session_keys(redis_url, "c") if b":a:" in key]
+        client.close()
+        assert len(sizes) == expected_chunks and max(sizes) <= 64
+        doubled = (data * 2).astype("<f4")
+        await store.commit(snap, {"w": {"param": doubled.tobytes(), "exp_avg": data.tobytes()}})
+        again = await store.read("c", state_of=["w"])
+        assert b"".join(again.arrays[("w", "param")]) == doubled.tobytes()
+        assert b"".join(again.arrays[("w", "exp_avg")]) == data.tobytes()
+        await store.commit(again, {"w": {"param": data.tobytes()}}, replace_state=["w"])
+        assert await store.delete("c")
+        assert session_keys(redis_url, "c") == []
     finally:
         await store.close()

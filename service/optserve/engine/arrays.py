@@ -1,8 +1,12 @@
-"""numpy arrays <-> the raw little-endian float32 bytes the store keeps (no pickle, no JSON)."""
+"""numpy arrays <-> the raw little-endian float32 bytes the store keeps (no pickle, no JSON).
+
+Writes hand the store a zero-copy view of each array's memory (the store slices it into
+chunks); reads copy the stored chunks once, straight into the array they become.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -10,30 +14,47 @@ from ..optim import SCALAR_STATE, TensorState
 
 LE_F32 = np.dtype("<f4")
 
-
-def to_bytes(array: np.ndarray | np.floating) -> bytes:
-    """Raw little-endian float32 bytes of an array or a 0-dim scalar."""
-    return np.ascontiguousarray(array, dtype=LE_F32).tobytes()
+#: What the store returns for one array: its chunks in order (or one bytes object).
+Stored = bytes | Sequence[bytes]
 
 
-def array_from_bytes(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
-    """A writable native float32 array: the one copy out of the immutable bytes Redis returned."""
-    array = np.frombuffer(data, dtype=LE_F32)
-    if array.size != int(np.prod(shape, dtype=np.int64)):
-        raise ValueError(f"stored array has {array.size} elements, expected shape {shape}")
-    return array.astype(np.float32, copy=True).reshape(shape)
+def to_bytes(array: np.ndarray | np.floating) -> memoryview:
+    """A zero-copy byte view of a little-endian float32 array (copied only if it is not one).
+
+    The caller must not change the array until the write that uses the view has returned.
+    """
+    contiguous = np.ascontiguousarray(array, dtype=LE_F32)
+    if contiguous.ndim == 0:
+        contiguous = contiguous.reshape(1)
+    return memoryview(contiguous).cast("B")
 
 
-def state_to_fields(state: TensorState) -> dict[str, bytes]:
+def array_from_bytes(data: Stored, shape: tuple[int, ...]) -> np.ndarray:
+    """A writable native float32 array, filled from the stored chunks with one copy."""
+    parts = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+    size = int(np.prod(shape, dtype=np.int64))
+    if sum(len(part) for part in parts) != size * LE_F32.itemsize:
+        stored = sum(len(part) for part in parts) // LE_F32.itemsize
+        raise ValueError(f"stored array has {stored} elements, expected shape {shape}")
+    array = np.empty(size, dtype=np.float32)
+    offset = 0
+    for part in parts:
+        chunk = np.frombuffer(part, dtype=LE_F32)
+        array[offset : offset + chunk.size] = chunk
+        offset += chunk.size
+    return array.reshape(shape)
+
+
+def state_to_fields(state: TensorState) -> dict[str, memoryview]:
     return {name: to_bytes(value) for name, value in state.items()}
 
 
-def state_from_fields(fields: Mapping[str, bytes], shape: tuple[int, ...]) -> TensorState:
+def state_from_fields(fields: Mapping[str, Stored], shape: tuple[int, ...]) -> TensorState:
     """Scalars (`step`, `mu_product`) come back as np.float32, arrays shaped like the param."""
     state: TensorState = {}
     for name, data in fields.items():
         if name in SCALAR_STATE:
-            state[name] = np.frombuffer(data, dtype=LE_F32)[0].astype(np.float32)
+            state[name] = array_from_bytes(data, ())[()].astype(np.float32)
         else:
             state[name] = array_from_bytes(data, shape)
     return state

@@ -26,18 +26,19 @@ def meta_key(sid: str) -> str:
     return f"{session_tag(sid)}:meta"
 
 
-def array_key(sid: str, tensor: str, field: str) -> str:
-    """Raw little-endian float32 bytes of one array (`param`, a state array, or a 0-dim scalar).
+def array_key(sid: str, tensor: str, field: str, chunk: int = 0) -> str:
+    """One chunk of the raw little-endian float32 bytes of one array (`param`, a state array, or
+    a 0-dim scalar); large arrays span several chunks so no Redis value grows unbounded.
 
-    The field comes before the tensor name so that any tensor name, even one with ':', is
-    unambiguous.
+    The field and chunk come before the tensor name so that any tensor name, even one with ':',
+    is unambiguous.
     """
-    return f"{session_tag(sid)}:a:{field}:{tensor}"
+    return f"{session_tag(sid)}:a:{field}:{chunk}:{tensor}"
 
 
-def staged_key(sid: str, token: str, tensor: str, field: str) -> str:
-    """Where a commit writes an array before the compare-and-set script renames it into place."""
-    return f"{session_tag(sid)}:stage:{token}:{field}:{tensor}"
+def staged_key(sid: str, token: str, tensor: str, field: str, chunk: int = 0) -> str:
+    """Where a commit writes a chunk before the compare-and-set script renames it into place."""
+    return f"{session_tag(sid)}:stage:{token}:{field}:{chunk}:{tensor}"
 
 
 def idempotency_key(sid: str, digest: str) -> str:

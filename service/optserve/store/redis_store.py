@@ -27,6 +27,12 @@ from .errors import IdempotencyConflict, SessionGone, StoreUnavailable, VersionC
 
 #: Staged arrays of a commit that never ran (its process died) disappear after this long.
 STAGED_TTL_MS = 120_000
+#: Largest Redis value an array is split into (Redis refuses values over 512 MiB, and big values
+#: stall its single thread); 16 MiB = 4M float32 per chunk.
+CHUNK_BYTES = 16 * 2**20
+
+#: What a write may pass: bytes, or a zero-copy view of an array's memory.
+Buffer = bytes | bytearray | memoryview
 _COMMIT_SCRIPT = resources.files(__package__).joinpath("commit.lua").read_text()
 _RELEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -41,40 +47,59 @@ class Snapshot:
     sid: str
     version: int
     meta: dict[str, str]
-    #: tensor -> names of the arrays stored for it (`param` and its state fields)
-    manifests: dict[str, tuple[str, ...]]
-    #: (tensor, field) -> raw bytes
-    arrays: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    #: tensor -> {array name (`param` and its state fields): how many chunks it is stored in}
+    manifests: dict[str, dict[str, int]]
+    #: (tensor, field) -> the array's raw bytes, chunk by chunk
+    arrays: dict[tuple[str, str], list[bytes]] = field(default_factory=dict)
     #: the token of the apply lease on this session, if some process holds it
     lease: str | None = None
 
 
-def _decode_meta(raw: Mapping[bytes, bytes]) -> tuple[int, dict[str, str], dict[str, tuple]]:
+def _decode_meta(raw: Mapping[bytes, bytes]) -> tuple[int, dict[str, str], dict[str, dict]]:
     meta = {k.decode(): v.decode() for k, v in raw.items()}
     manifests = {
-        name[len(keys.MANIFEST_FIELD_PREFIX) :]: tuple(value.split(",")) if value else ()
+        name[len(keys.MANIFEST_FIELD_PREFIX) :]: _parse_manifest(value)
         for name, value in meta.items()
         if name.startswith(keys.MANIFEST_FIELD_PREFIX)
     }
     return int(meta[keys.VERSION_FIELD]), meta, manifests
 
 
-def _manifest_value(fields: Iterable[str]) -> str:
-    return ",".join(sorted(fields))
+def _parse_manifest(value: str) -> dict[str, int]:
+    """"exp_avg:1,param:3" -> {"exp_avg": 1, "param": 3}."""
+    entries = (item.rpartition(":") for item in value.split(",") if item)
+    return {name: int(count) for name, _, count in entries}
+
+
+def _manifest_value(counts: Mapping[str, int]) -> str:
+    return ",".join(f"{name}:{counts[name]}" for name in sorted(counts))
+
+
+def _chunks(data: Buffer, size: int) -> list[memoryview]:
+    """Zero-copy slices of at most `size` bytes (one, possibly empty, for an empty array)."""
+    view = memoryview(data).cast("B")
+    count = max(1, -(-len(view) // size))
+    return [view[i * size : (i + 1) * size] for i in range(count)]
 
 
 class RedisStore:
     """Sessions in one Redis or Valkey (standalone); all methods are coroutines."""
 
-    def __init__(self, client: aioredis.Redis, *, fsync_always: bool = False) -> None:
+    def __init__(
+        self, client: aioredis.Redis, *, fsync_always: bool = False, chunk_bytes: int = CHUNK_BYTES
+    ) -> None:
         self.client = client
+        self.chunk_bytes = chunk_bytes
         self.fsync_always = fsync_always
         self._commit = client.register_script(_COMMIT_SCRIPT)
         self._release = client.register_script(_RELEASE_SCRIPT)
 
     @classmethod
-    def from_url(cls, url: str, *, fsync_always: bool = False, **options) -> RedisStore:
-        return cls(aioredis.Redis.from_url(url, **options), fsync_always=fsync_always)
+    def from_url(
+        cls, url: str, *, fsync_always: bool = False, chunk_bytes: int = CHUNK_BYTES, **options
+    ) -> RedisStore:
+        client = aioredis.Redis.from_url(url, **options)
+        return cls(client, fsync_always=fsync_always, chunk_bytes=chunk_bytes)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -83,20 +108,27 @@ class RedisStore:
         await _guard(self.client.ping)
 
     async def create(
-        self, sid: str, meta: Mapping[str, str], arrays: Mapping[str, Mapping[str, bytes]]
+        self, sid: str, meta: Mapping[str, str], arrays: Mapping[str, Mapping[str, Buffer]]
     ) -> None:
         """Write a new session at version 0 in one transaction."""
         fields = dict(meta)
         fields[keys.VERSION_FIELD] = "0"
-        for tensor, values in arrays.items():
-            fields[keys.manifest_field(tensor)] = _manifest_value(values)
+        chunked = {
+            tensor: {name: _chunks(data, self.chunk_bytes) for name, data in values.items()}
+            for tensor, values in arrays.items()
+        }
+        for tensor, values in chunked.items():
+            fields[keys.manifest_field(tensor)] = _manifest_value(
+                {name: len(parts) for name, parts in values.items()}
+            )
 
         async def run() -> None:
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.hset(keys.meta_key(sid), mapping=fields)
-                for tensor, values in arrays.items():
-                    for name, data in values.items():
-                        pipe.set(keys.array_key(sid, tensor, name), data)
+                for tensor, values in chunked.items():
+                    for name, parts in values.items():
+                        for index, part in enumerate(parts):
+                            pipe.set(keys.array_key(sid, tensor, name, index), part)
                 pipe.zadd(keys.SESSION_INDEX, {sid: time.time()})
                 await pipe.execute()
 
@@ -147,9 +179,14 @@ class RedisStore:
             names = list(base.manifests) if params is None else list(params)
             wanted = [(t, "param") for t in names]
             wanted += [
-                (t, f) for t in wanted_state for f in base.manifests.get(t, ()) if f != "param"
+                (t, f) for t in wanted_state for f in base.manifests.get(t, {}) if f != "param"
             ]
-            array_keys = [keys.array_key(sid, t, f) for t, f in wanted]
+            counts = [base.manifests.get(t, {}).get(f, 1) for t, f in wanted]
+            array_keys = [
+                keys.array_key(sid, t, f, i)
+                for (t, f), count in zip(wanted, counts, strict=True)
+                for i in range(count)
+            ]
 
             async def run(array_keys: list[str] = array_keys) -> list:
                 async with self.client.pipeline(transaction=True) as pipe:
@@ -163,15 +200,18 @@ class RedisStore:
                 raise SessionGone(sid)
             if int(replies[0]) != base.version:
                 continue
-            values = replies[1] if array_keys else []
-            base.arrays = {wanted[i]: value for i, value in enumerate(values) if value is not None}
+            values = iter(replies[1] if array_keys else [])
+            for key, count in zip(wanted, counts, strict=True):
+                parts = [next(values) for _ in range(count)]
+                if all(part is not None for part in parts):
+                    base.arrays[key] = parts
             return base
         raise VersionConflict(base.version)
 
     async def commit(
         self,
         base: Snapshot,
-        writes: Mapping[str, Mapping[str, bytes]],
+        writes: Mapping[str, Mapping[str, Buffer]],
         meta: Mapping[str, str] | None = None,
         *,
         replace_state: Iterable[str] = (),
@@ -196,15 +236,25 @@ class RedisStore:
         staged: list[str] = []
         deletes: list[str] = []
         replaced = set(replace_state)
-        for tensor, values in writes.items():
-            old = set(base.manifests.get(tensor, ()))
-            new = set(values) if tensor in replaced else old | set(values)
+        chunked = {
+            tensor: {name: _chunks(data, self.chunk_bytes) for name, data in values.items()}
+            for tensor, values in writes.items()
+        }
+        for tensor, values in chunked.items():
+            old = dict(base.manifests.get(tensor, {}))
+            new = {} if tensor in replaced else dict(old)
+            new.update({name: len(parts) for name, parts in values.items()})
             if new != old:
                 fields[keys.manifest_field(tensor)] = _manifest_value(new)
-            for name in values:
-                staged.append(keys.staged_key(sid, token, tensor, name))
-                staged.append(keys.array_key(sid, tensor, name))
-            deletes += [keys.array_key(sid, tensor, name) for name in old - new]
+            for name, parts in values.items():
+                for index in range(len(parts)):
+                    staged.append(keys.staged_key(sid, token, tensor, name, index))
+                    staged.append(keys.array_key(sid, tensor, name, index))
+            deletes += [
+                keys.array_key(sid, tensor, name, index)
+                for name, count in old.items()
+                for index in range(new.get(name, 0), count)
+            ]
         records = dict(idempotency or {})
         increment = int(bump_version)
         args: list[str] = [
@@ -223,9 +273,11 @@ class RedisStore:
 
         async def run() -> object:
             async with self.client.pipeline(transaction=False) as pipe:
-                for tensor, values in writes.items():
-                    for name, data in values.items():
-                        pipe.set(keys.staged_key(sid, token, tensor, name), data, px=STAGED_TTL_MS)
+                for tensor, values in chunked.items():
+                    for name, parts in values.items():
+                        for index, part in enumerate(parts):
+                            key = keys.staged_key(sid, token, tensor, name, index)
+                            pipe.set(key, part, px=STAGED_TTL_MS)
                 await self._commit(
                     keys=[keys.meta_key(sid), *staged, *deletes, *record_keys],
                     args=args,
@@ -273,7 +325,12 @@ class RedisStore:
             await _guard(lambda: self.client.zrem(keys.SESSION_INDEX, sid))
             return False
         doomed = [keys.meta_key(sid), keys.lease_key(sid)]
-        doomed += [keys.array_key(sid, t, f) for t, fs in base.manifests.items() for f in fs]
+        doomed += [
+            keys.array_key(sid, tensor, name, index)
+            for tensor, counts in base.manifests.items()
+            for name, count in counts.items()
+            for index in range(count)
+        ]
 
         async def run() -> None:
             async with self.client.pipeline(transaction=True) as pipe:
