@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.responses import Response
 
 from ..config import Settings
 from ..engine.sessions import SessionService
-from ..wire import JSON, choose_response_type, encode_json, encode_message
+from ..wire import JSON, ResponseFormat, choose_response_format, encode_json, encode_message
 from .problems import Problem
 
 
@@ -26,12 +26,30 @@ def get_settings(request: Request) -> Settings:
 Service = Annotated[SessionService, Depends(get_service)]
 AppSettings = Annotated[Settings, Depends(get_settings)]
 
+#: `?dtype=` on the routes that return params (the keys of wire.DTYPE_NAMES).
+TensorDtype = Annotated[
+    Literal["f32", "bf16"] | None,
+    Query(
+        description="Tensor dtype of an application/x-safetensors response: bf16 halves the "
+        "bytes (rounded to nearest even; the session keeps float32). Same as the Accept "
+        "parameter `application/x-safetensors; dtype=bf16`; JSON carries float32 only, so "
+        "bf16 with an Accept that allows only JSON is a 406"
+    ),
+]
 
-async def read_body(request: Request, limit: int) -> bytes:
+
+def response_format(request: Request, dtype: str | None) -> ResponseFormat:
+    """Negotiate a tensor response before doing the work, so a 406 changes nothing."""
+    return choose_response_format(request.headers.get("accept"), dtype)
+
+
+async def read_body(request: Request, limit: int) -> bytes | bytearray:
     """The whole body, refused with 413 as soon as it is known to be over `limit` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise Problem("payload_too_large", f"body of {declared} bytes is over the {limit} limit")
+    if declared is not None and declared.isdigit():
+        return await _read_exactly(request, int(declared))
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -42,20 +60,38 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _read_exactly(request: Request, length: int) -> bytes | bytearray:
+    """A body of known length read into one preallocated buffer: no list of chunks to join, so
+    a large upload costs one copy of itself, not two."""
+    if length < 2**16:
+        return b"".join([chunk async for chunk in request.stream()])
+    body = bytearray(length)
+    size = 0
+    async for chunk in request.stream():
+        end = size + len(chunk)
+        if end > length:
+            raise Problem("invalid_body", "the body is longer than its Content-Length")
+        body[size:end] = chunk
+        size = end
+    if size != length:
+        raise Problem("invalid_body", "the body is shorter than its Content-Length")
+    return body
+
+
 def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None):
     return Response(encode_json(body), status, headers=dict(headers or {}), media_type=JSON)
 
 
 def tensor_response(
-    request: Request,
+    response_format: ResponseFormat,
     tensors: Mapping[str, np.ndarray],
     fields: Mapping[str, Any],
     tensor_field: str,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
-    """Encode as the client's Accept asks: JSON by default, safetensors when preferred."""
-    media_type = choose_response_type(request.headers.get("accept"))
-    body = encode_message(tensors, fields, tensor_field, media_type)
+    """Encode as negotiated (`response_format`): JSON by default, safetensors when preferred."""
+    media_type = response_format.media_type
+    body = encode_message(tensors, fields, tensor_field, media_type, response_format.dtype)
     return Response(body, 200, headers=dict(headers or {}), media_type=media_type)
 
 

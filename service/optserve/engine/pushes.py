@@ -121,12 +121,15 @@ class BatchPlan:
         return out
 
 
-def returned(push: PushRequest, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Copies of the params this push asked to get back (later pushes keep updating `params`)."""
+def returned(
+    push: PushRequest, params: Mapping[str, np.ndarray], copy: bool = True
+) -> dict[str, np.ndarray]:
+    """The params this push asked to get back: copies if later pushes of the batch will still
+    update `params` in place, the arrays themselves for the last one (no copy per push)."""
     if push.returning == "none":
         return {}
     names = params if push.returning == "all" else [n for n in params if n in push.grads]
-    return {name: params[name].copy() for name in names}
+    return {name: params[name].copy() if copy else params[name] for name in names}
 
 
 def run_pushes(
@@ -141,6 +144,7 @@ def run_pushes(
     """Apply the planned pushes in order, in place on `params` and `states`."""
     algorithm, hp = config.algorithm, config.hyperparameters
     run = BatchRun(schedule=schedule)
+    last = plan.todo[-1] if plan.todo else None
     for index in plan.todo:
         push, grads = pushes[index], plan.grads[index]
         lr = run.schedule.lr
@@ -175,7 +179,9 @@ def run_pushes(
             )
             continue
         if bad:
-            outcome = PushResult(version, returned(push, params), False, skipped="non_finite")
+            outcome = PushResult(
+                version, returned(push, params, index != last), False, skipped="non_finite"
+            )
         else:
             if config.clip_grad_norm is not None:  # clipping scales in place: keep the originals
                 grads = {name: grad.copy() for name, grad in grads.items()}
@@ -188,7 +194,7 @@ def run_pushes(
             run.stepped.update(result.stepped)
             outcome = PushResult(
                 version,
-                returned(push, params),
+                returned(push, params, index != last),
                 True,
                 total_norm=result.total_norm,
                 staleness=staleness,

@@ -66,7 +66,7 @@ def _decode_meta(raw: Mapping[bytes, bytes]) -> tuple[int, dict[str, str], dict[
 
 
 def _parse_manifest(value: str) -> dict[str, int]:
-    """"exp_avg:1,param:3" -> {"exp_avg": 1, "param": 3}."""
+    """ "exp_avg:1,param:3" -> {"exp_avg": 1, "param": 3}."""
     entries = (item.rpartition(":") for item in value.split(",") if item)
     return {name: int(count) for name, _, count in entries}
 
@@ -166,16 +166,19 @@ class RedisStore:
         state_of: Iterable[str] = (),
         *,
         attempts: int = 8,
+        base: Snapshot | None = None,
     ) -> Snapshot:
         """A consistent snapshot: meta, `param` of `params` (None = every tensor) and every
         stored array of the tensors in `state_of`.
 
         Reads meta, then the arrays together with the version in one MULTI; if a commit landed
-        in between, it reads again, so the arrays always belong to the version returned.
+        in between, it reads again, so the arrays always belong to the version returned. Given
+        the meta the caller just read (`base`), it skips that read and raises VersionConflict
+        instead of reading again, for callers that restart their own work anyway.
         """
         wanted_state = tuple(state_of)
-        for _ in range(attempts):
-            base = await self.read_meta(sid)
+        for _ in range(attempts if base is None else 1):
+            base = base or await self.read_meta(sid)
             names = list(base.manifests) if params is None else list(params)
             wanted = [(t, "param") for t in names]
             wanted += [
@@ -199,6 +202,8 @@ class RedisStore:
             if replies[0] is None:
                 raise SessionGone(sid)
             if int(replies[0]) != base.version:
+                current = int(replies[0])
+                base = None
                 continue
             values = iter(replies[1] if array_keys else [])
             for key, count in zip(wanted, counts, strict=True):
@@ -206,7 +211,7 @@ class RedisStore:
                 if all(part is not None for part in parts):
                     base.arrays[key] = parts
             return base
-        raise VersionConflict(base.version)
+        raise VersionConflict(current)
 
     async def commit(
         self,
