@@ -482,10 +482,10 @@ class SessionService:
         states: dict[str, TensorState] = {}
 
         def decode_and_run() -> BatchRun:
-            # Off the event loop: decoding is a copy of every array read (120 MB at 1e7 Adam).
-            params.update(self._decode_params(snap, config, needed))
-            states.update(self._decode_states(snap, config, plan.pushed))
-            snap.arrays.clear()  # the stored bytes are no longer needed: free them before compute
+            # Off the event loop: decoding is a copy of every array read (120 MB at 1e7 Adam);
+            # each array's stored bytes are dropped as soon as it is decoded, bounding the peak.
+            params.update(self._decode_params(snap, config, needed, consume=True))
+            states.update(self._decode_states(snap, config, plan.pushed, consume=True))
             return run_pushes(config, pushes, plan, params, states, schedule, snap.version)
 
         run = await to_thread.run_sync(decode_and_run)
@@ -552,16 +552,19 @@ class SessionService:
 
     @staticmethod
     def _decode_states(
-        snap: Snapshot, config: SessionConfig, names: Sequence[str]
+        snap: Snapshot, config: SessionConfig, names: Sequence[str], consume: bool = False
     ) -> dict[str, TensorState]:
-        return {
-            name: state_from_fields(
-                {f: snap.arrays[(name, f)] for f in snap.manifests.get(name, ()) if f != "param"},
-                config.tensors[name],
-            )
-            for name in names
-            if len(snap.manifests.get(name, ())) > 1
-        }
+        """Optimizer states as arrays; with `consume` the stored bytes leave the snapshot."""
+        take = snap.arrays.pop if consume else snap.arrays.__getitem__
+        states: dict[str, TensorState] = {}
+        for name in names:
+            fields = [f for f in snap.manifests.get(name, ()) if f != "param"]
+            if fields:
+                shape = config.tensors[name]
+                states[name] = {}
+                for field in fields:  # one array at a time: the bytes go before the next copy
+                    states[name].update(state_from_fields({field: take((name, field))}, shape))
+        return states
 
     # -- optimizer state (checkpoints) -------------------------------------------------------------
 
@@ -666,10 +669,13 @@ class SessionService:
                 raise not_found(sid) from None
 
     @staticmethod
-    def _decode_params(snap: Snapshot, config: SessionConfig, names) -> dict[str, np.ndarray]:
+    def _decode_params(
+        snap: Snapshot, config: SessionConfig, names, consume: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Params as arrays; with `consume` the stored bytes leave the snapshot as they go."""
+        take = snap.arrays.pop if consume else snap.arrays.__getitem__
         return {
-            name: array_from_bytes(snap.arrays[(name, "param")], config.tensors[name])
-            for name in names
+            name: array_from_bytes(take((name, "param")), config.tensors[name]) for name in names
         }
 
 
