@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: venv test lint tools run bench bench-optim bench-concurrency openapi clean
+.PHONY: venv test lint tools run bench bench-optim bench-concurrency bench-push openapi clean
 
 venv: $(STAMP)
 
@@ -36,13 +36,16 @@ openapi: $(STAMP)
 	$(BIN)/optserve openapi --output clients/openapi.json
 
 # Benchmarks are not tests: they write BENCHMARKS.md. Run them on an otherwise idle machine.
-bench: bench-optim bench-concurrency
+bench: bench-optim bench-concurrency bench-push
 
 bench-optim: $(STAMP)
 	$(BIN)/python bench/optim_bench.py --write BENCHMARKS.md
 
 bench-concurrency: $(STAMP)
 	$(BIN)/python bench/concurrency_bench.py --write BENCHMARKS.md
+
+bench-push: $(STAMP)
+	$(BIN)/python bench/push_bench.py --write BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
