@@ -30,10 +30,10 @@ AppSettings = Annotated[Settings, Depends(get_settings)]
 TensorDtype = Annotated[
     Literal["f32", "bf16"] | None,
     Query(
-        description="Tensor dtype of an application/x-safetensors response: bf16 halves the "
-        "bytes (rounded to nearest even; the session keeps float32). Same as the Accept "
-        "parameter `application/x-safetensors; dtype=bf16`; JSON carries float32 only, so "
-        "bf16 with an Accept that allows only JSON is a 406"
+        description="Tensor dtype of the params returned: bf16 halves the bytes (rounded to "
+        "nearest even; the session keeps float32) and answers in application/x-safetensors "
+        "whatever Accept prefers, or 406 if Accept rules that out (JSON carries float32 only). "
+        "Also asked for by the Accept parameter `application/x-safetensors; dtype=bf16`"
     ),
 ]
 

@@ -14,10 +14,12 @@ from . import schemas
 from .http import (
     AppSettings,
     Service,
+    TensorDtype,
     etag,
     json_response,
     parse_version_header,
     read_body,
+    response_format,
     tensor_response,
 )
 from .state_wire import decode_state, encode_state
@@ -30,6 +32,15 @@ CREATE_FIELDS = {
 }  # fmt: skip
 MAX_IDEMPOTENCY_KEY = 255
 PUSH_FIELDS = {"base_version", "worker"}
+
+# Which safetensors bodies may carry F16/BF16 tensors (upcast exactly to float32 on arrival):
+# - gradients: yes, the point of the cheaper wire; a gradient is consumed once, and the optimizer
+#   adds it to float32 state, so an exact upcast loses nothing the client did not already round;
+# - a new session's params: yes, nothing is stored yet; pretrained weights often ship in BF16 and
+#   the session then starts from exactly those values, kept in float32 from there on;
+# - PUT params and PUT state: no (400). Both overwrite float32 values the session holds; a worker
+#   that read params back with ?dtype=bf16 and PUT them would silently cut every weight to 8
+#   significant bits, and a checkpoint must restore bit-exactly.
 
 
 def _only(fields: dict[str, Any], allowed: set[str], what: str) -> None:
@@ -47,7 +58,8 @@ def _only(fields: dict[str, Any], allowed: set[str], what: str) -> None:
 )
 async def create_session(request: Request, service: Service, settings: AppSettings) -> Response:
     body = await read_body(request, settings.max_body_bytes)
-    message = decode_message(body, request.headers.get("content-type"), "params", required=False)
+    content_type = request.headers.get("content-type")
+    message = decode_message(body, content_type, "params", required=False, upcast=True)
     _only(message.fields, CREATE_FIELDS, "session")
     session = await service.create(message.fields, message.tensors)
     location = f"/v1/sessions/{session['id']}"
@@ -102,7 +114,9 @@ async def get_params(
     names: Annotated[str | None, Query(description="Comma-separated tensor names")] = None,
     after_version: Annotated[int | None, Query(ge=0)] = None,
     wait_s: Annotated[float, Query(ge=0)] = 0.0,
+    dtype: TensorDtype = None,
 ) -> Response:
+    negotiated = response_format(request, dtype)
     if after_version is not None:
         wait = min(wait_s, settings.long_poll_max_s)
         if not await service.wait_for_version(sid, after_version, wait):
@@ -111,7 +125,7 @@ async def get_params(
     selected = [n for n in names.split(",") if n] if names is not None else None
     result = await service.get_params(sid, selected)
     return tensor_response(
-        request, result.params, {"version": result.version}, "params",
+        negotiated, result.params, {"version": result.version}, "params",
         {"ETag": etag(result.version)},
     )  # fmt: skip
 
@@ -160,9 +174,11 @@ async def push_gradients(
         str | None,
         Header(description="Retry-safe: a key seen before returns the first response"),
     ] = None,
+    dtype: TensorDtype = None,
 ) -> Response:
+    negotiated = response_format(request, dtype)  # a 406 before the step, not after
     body = await read_body(request, settings.max_body_bytes)
-    message = decode_message(body, request.headers.get("content-type"), "grads")
+    message = decode_message(body, request.headers.get("content-type"), "grads", upcast=True)
     _only(message.fields, PUSH_FIELDS, "push")
     _check_push_fields(message.fields)
     if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
@@ -193,7 +209,7 @@ async def push_gradients(
     headers = {"ETag": etag(result.params_version or result.version)}  # the params' version
     if result.replayed:
         headers["Idempotency-Replayed"] = "true"
-    return tensor_response(request, result.params, fields, "params", headers)
+    return tensor_response(negotiated, result.params, fields, "params", headers)
 
 
 def _check_push_fields(fields: dict[str, Any]) -> None:

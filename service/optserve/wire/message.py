@@ -11,6 +11,12 @@ from .errors import invalid_body
 
 MAX_NDIM: Final = 64  # numpy's own limit; a longer shape cannot become an array
 
+# Tensor dtypes on the wire, by their safetensors names. Decoded tensors are always float32;
+# F16 and BF16 are wire formats only (see safetensors_codec.py).
+F32: Final = "F32"
+F16: Final = "F16"
+BF16: Final = "BF16"
+
 
 @dataclass(slots=True)
 class Message:

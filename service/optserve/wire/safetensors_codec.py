@@ -1,17 +1,27 @@
 """safetensors bodies: named tensors, with the message fields in the header's `__metadata__`.
 
 Layout: 8-byte little-endian header length N, N bytes of JSON header, then the data section.
-Encoding uses the `safetensors` package. Decoding reads the header itself, applying the same checks
-as the package's Rust reader (same header size cap, each tensor's byte range must match its shape,
-the ranges must tile the data section exactly) plus ours (F32 only), all before any tensor is
-allocated, and then copies each tensor out of the body exactly once. `safetensors.numpy.load`
+Decoding reads the header itself, applying the same checks as the package's Rust reader (same
+header size cap, each tensor's byte range must match its shape and dtype, the ranges must tile the
+data section exactly) plus ours (the dtypes the caller allows), all before any tensor is
+allocated, and then converts each tensor out of the body in one pass. `safetensors.numpy.load`
 would copy every tensor (whatever its dtype) into a read-only `bytes` first, so making the arrays
 writable would cost a second full copy; the test suite checks that both readers agree.
+
+Half-precision input (the "cheaper wire"): with `upcast=True` a body may also hold F16 and BF16
+tensors, which decode to float32 exactly (every F16 and BF16 value is a float32 value): F16 through
+numpy's float16 -> float32 cast, BF16 by moving its 16 bits to the top of a 32-bit word. The API
+allows this for gradients and for a new session's initial params only; see api/sessions.py.
+
+Encoding F32 uses the `safetensors` package. BF16 output (params on request, half the bytes) is
+rounded to nearest-even like torch's float32 -> bfloat16 cast and written with a header of our
+own: the package's numpy API has no bfloat16, and its raw `serialize` API changed in 0.8.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -21,14 +31,16 @@ from safetensors.numpy import save
 
 from .errors import WireError, invalid_body
 from .media import JSON
-from .message import Message, as_float32, check_shape
+from .message import BF16, F16, F32, Message, as_float32, check_shape
 
 METADATA_KEY: Final = "__metadata__"
 MAX_HEADER_BYTES: Final = 100_000_000  # the safetensors crate refuses larger headers too
 _LENGTH_BYTES: Final = 8
-_F32: Final = "F32"
-_F32_BYTES: Final = 4
-_F32_LE: Final = np.dtype("<f4")
+_HEADER_ALIGN: Final = 8  # the package pads its header with spaces to this, so data is aligned
+#: safetensors dtype -> its little-endian storage type. BF16 is read as raw 16-bit words.
+_STORAGE: Final = {F32: np.dtype("<f4"), F16: np.dtype("<f2"), BF16: np.dtype("<u2")}
+FLOAT32_ONLY: Final = frozenset({F32})
+HALF_OR_FLOAT32: Final = frozenset({F32, F16, BF16})
 
 
 def _read_header(body: bytes) -> tuple[int, dict[str, Any]]:
@@ -69,14 +81,15 @@ def _decode_metadata(metadata: object) -> dict[str, Any]:
     return fields
 
 
-def _layout(name: str, info: object) -> tuple[int, int, list[int]]:
-    """(begin, end, shape) of one header entry, checked against its dtype and shape."""
+def _layout(name: str, info: object, upcast: bool) -> tuple[int, int, list[int], str]:
+    """(begin, end, shape, dtype) of one header entry, checked against its dtype and shape."""
     where = f"safetensors tensor {name!r}"
     if not isinstance(info, dict):
         raise invalid_body(f"{where}: header entry must be an object")
     dtype = info.get("dtype")
-    if dtype != _F32:
-        raise invalid_body(f"{where} has dtype {dtype!r}; only F32 is accepted")
+    if dtype not in (HALF_OR_FLOAT32 if upcast else FLOAT32_ONLY):
+        accepted = "F32, F16 or BF16 (upcast to float32)" if upcast else "only F32 (float32)"
+        raise invalid_body(f"{where} has dtype {dtype!r}; this body takes {accepted}")
     shape = check_shape(where, info.get("shape"))
     offsets = info.get("data_offsets")
     if (
@@ -87,24 +100,43 @@ def _layout(name: str, info: object) -> tuple[int, int, list[int]]:
     ):
         raise invalid_body(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end")
     begin, end = offsets
-    nbytes = math.prod(shape) * _F32_BYTES
+    nbytes = math.prod(shape) * _STORAGE[dtype].itemsize
     if end - begin != nbytes:
         raise invalid_body(
-            f"{where}: shape {shape} needs {nbytes} bytes, offsets give {end - begin}"
+            f"{where}: shape {shape} of {dtype} needs {nbytes} bytes, offsets give {end - begin}"
         )
-    return begin, end, shape
+    return begin, end, shape, dtype
 
 
-def decode_safetensors_message(body: bytes) -> Message:
-    """A safetensors body -> Message with writable float32 arrays and JSON-decoded fields."""
+def _to_float32(body: bytes, offset: int, count: int, shape: list[int], dtype: str) -> np.ndarray:
+    """One tensor of the body as an owned, aligned, writable, C-contiguous native float32 array.
+
+    np.frombuffer views the immutable body (read-only, maybe unaligned, keeping the whole body
+    alive); the one astype per tensor allocates the result, byte-swapping in the same pass on a
+    big-endian host. Both upcasts are exact.
+    """
+    view = np.frombuffer(body, dtype=_STORAGE[dtype], count=count, offset=offset).reshape(shape)
+    if dtype != BF16:
+        return view.astype(np.float32)  # F32: a copy; F16: IEEE half -> single, exact
+    # BF16 is the top half of a float32: widen the words, shift them up, reinterpret the bits.
+    words = view.astype(np.uint32)
+    words <<= 16
+    return words.view(np.float32)
+
+
+def decode_safetensors_message(body: bytes, upcast: bool = False) -> Message:
+    """A safetensors body -> Message with writable float32 arrays and JSON-decoded fields.
+
+    F32 tensors only, unless `upcast`: then F16 and BF16 tensors too, widened exactly to float32.
+    """
     header_len, header = _read_header(body)
     fields = _decode_metadata(header.pop(METADATA_KEY, None))
-    layout = {name: _layout(name, info) for name, info in header.items()}
+    layout = {name: _layout(name, info, upcast) for name, info in header.items()}
 
     # Byte ranges must tile the data section: no gap, no overlap, nothing after the last tensor.
     data_len = len(body) - _LENGTH_BYTES - header_len
     cursor = 0
-    for name, (begin, end, _) in sorted(layout.items(), key=lambda item: item[1][:2]):
+    for name, (begin, end, _, _) in sorted(layout.items(), key=lambda item: item[1][:2]):
         if begin != cursor:
             raise invalid_body(
                 f"safetensors tensor {name!r}: data_offsets [{begin}, {end}] leave a gap or "
@@ -118,22 +150,71 @@ def decode_safetensors_message(body: bytes) -> Message:
 
     start = _LENGTH_BYTES + header_len
     tensors: dict[str, np.ndarray] = {}
-    for name, (begin, end, shape) in layout.items():
-        # np.frombuffer views the immutable body (read-only, maybe unaligned, keeping the whole
-        # body alive); one astype copy per tensor yields an aligned, writable, C-contiguous
-        # native float32 array that owns its memory, byte-swapping in the same pass on a
-        # big-endian host.
-        view = np.frombuffer(
-            body, dtype=_F32_LE, count=(end - begin) // _F32_BYTES, offset=start + begin
-        )
-        tensors[name] = view.reshape(shape).astype(np.float32)
+    for name, (begin, end, shape, dtype) in layout.items():
+        count = (end - begin) // _STORAGE[dtype].itemsize
+        tensors[name] = _to_float32(body, start + begin, count, shape, dtype)
     return Message(tensors=tensors, fields=fields)
 
 
+def float32_to_bf16_bits(array: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (little-endian uint16, C order), rounded to nearest even.
+
+    The same rounding as torch's cast: add 0x7FFF plus the lowest kept bit, then drop the low
+    16 bits; values past the largest bfloat16 round to infinity, subnormals round like any value.
+    NaN stays NaN: sign and top payload bits kept, quiet bit set (plain truncation could turn a
+    NaN whose payload sits in the low bits into infinity). torch's own NaN bits are no reference:
+    its CPU kernels write 0xFFFF for every NaN, its scalar c10 code 0x7FC0.
+    """
+    values = array.astype(np.float32, order="C", copy=False).reshape(-1)  # 1-d: no numpy scalars
+    bits = values.view(np.uint32)
+    rounded = bits >> 16
+    rounded &= 1
+    rounded += 0x7FFF
+    rounded += bits  # wraps only for NaNs with a high payload, replaced below
+    rounded >>= 16
+    nan = np.isnan(values)
+    if nan.any():
+        rounded[nan] = (bits[nan] >> 16) | 0x0040
+    return rounded.astype("<u2").reshape(array.shape)
+
+
+def _metadata(fields: Mapping[str, Any]) -> dict[str, str]:
+    return {
+        key: orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+        for key, value in fields.items()
+    }
+
+
+def _save_bf16(arrays: Mapping[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """A safetensors file of BF16 tensors, laid out as the package writes one: `__metadata__`
+    first, tensors back to back in name order, the header padded with spaces to 8 bytes."""
+    header: dict[str, Any] = {METADATA_KEY: metadata} if metadata else {}
+    words: list[np.ndarray] = []
+    offset = 0
+    for name in sorted(arrays):
+        data = float32_to_bf16_bits(arrays[name])
+        end = offset + data.nbytes
+        header[name] = {
+            "dtype": BF16,
+            "shape": list(arrays[name].shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+        words.append(data.reshape(-1))  # 1-d so that the buffer is plain bytes even for 0-d
+    text = orjson.dumps(header)
+    text += b" " * (-len(text) % _HEADER_ALIGN)
+    return b"".join([struct.pack("<Q", len(text)), text, *(memoryview(w).cast("B") for w in words)])
+
+
 def encode_safetensors_message(
-    tensors: Mapping[str, np.ndarray], fields: Mapping[str, Any]
+    tensors: Mapping[str, np.ndarray], fields: Mapping[str, Any], dtype: str = F32
 ) -> bytes:
-    """Message parts -> safetensors bytes; each field is stored as its JSON text."""
+    """Message parts -> safetensors bytes; each field is stored as its JSON text.
+
+    `dtype` F32 writes the float32 values exactly; BF16 rounds them (half the bytes).
+    """
+    if dtype not in (F32, BF16):
+        raise ValueError(f"cannot encode safetensors dtype {dtype!r}")
     arrays: dict[str, np.ndarray] = {}
     for name, value in tensors.items():
         array = as_float32(name, value)
@@ -145,8 +226,6 @@ def encode_safetensors_message(
         # Native C-ordered float32, copied only if not already so (ascontiguousarray would turn
         # a 0-d array into shape (1,)).
         arrays[name] = array.astype(np.float32, order="C", copy=False)
-    metadata = {
-        key: orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
-        for key, value in fields.items()
-    }
-    return save(arrays, metadata=metadata or None)
+    if dtype == BF16:
+        return _save_bf16(arrays, _metadata(fields))
+    return save(arrays, metadata=_metadata(fields) or None)
