@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -55,7 +56,8 @@ def test_create_returns_the_session_with_defaults_filled(client):
     assert response.status_code == 201
     session = response.json()
     assert response.headers["location"] == f"/v1/sessions/{session['id']}"
-    assert len(session["id"]) >= 20  # unguessable: 128 random bits
+    # unguessable (128 random bits) and safe as a command-line argument (never starts with "-")
+    assert re.fullmatch(r"[0-9a-f]{32}", session["id"])
     assert session["version"] == 0 and session["name"] == "run-3"
     assert session["optimizer"] == {
         "name": "adam", "lr": 0.01, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,

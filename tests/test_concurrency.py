@@ -50,7 +50,7 @@ def run_workers(urls: list[str], sid: str, tmp_path: Path) -> list[dict[str, Any
         for worker in range(WORKERS):
             out, log = tmp_path / f"worker-{worker}.json", tmp_path / f"worker-{worker}.log"
             command = [
-                sys.executable, str(WORKER_SCRIPT), "--servers", *urls, "--session", sid,
+                sys.executable, str(WORKER_SCRIPT), "--servers", *urls, f"--session={sid}",
                 "--worker", str(worker), "--pushes", str(PUSHES), "--tensors", json.dumps(SHAPES),
                 "--barrier", str(barrier), "--out", str(out),
                 "--wire", "json" if worker % 2 == 0 else "safetensors",

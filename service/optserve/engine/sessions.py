@@ -182,7 +182,8 @@ class SessionService:
             name: {"param": to_bytes(array), **state_to_fields(states.get(name, {}))}
             for name, array in arrays.items()
         }
-        sid = secrets.token_urlsafe(16)
+        # 128 random bits as hex: never starts with "-" (an option to any CLI) or holds "_"
+        sid = secrets.token_hex(16)
         now = _now()
         schedule = config.schedule.start(config.hyperparameters["lr"])
         meta = {
