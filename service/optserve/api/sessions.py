@@ -191,6 +191,7 @@ async def push_gradients(
         idempotency_key=idempotency_key,
         body_digest=hashlib.sha256(body).hexdigest() if idempotency_key is not None else None,
     )
+    del body, message  # the gradients are decoded: free the raw body before the push runs
     result = await service.push(sid, push)
     fields: dict[str, Any] = {"version": result.version, "applied": result.applied}
     optional = (
