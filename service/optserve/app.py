@@ -14,9 +14,11 @@ from . import __version__
 from .api import health, problems, sessions
 from .config import Settings, get_settings
 from .engine.events import VersionEvents
+from .engine.lifetime import Lifetime
 from .engine.sessions import SessionService
 from .store.embedded import EmbeddedValkey
 from .store.redis_store import RedisStore
+from .store.sweeper import sweeping
 
 log = logging.getLogger("optserve")
 
@@ -43,11 +45,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             group_commit=settings.group_commit,
             idempotency_ttl_s=settings.idempotency_ttl_s,
             events=events,
+            lifetime=Lifetime(settings.session_ttl_s, settings.max_session_ttl_s),
         )
         app.state.store = store
         app.state.service = service
         try:
-            yield
+            async with sweeping(store, settings.sweep_interval_s):
+                yield
         finally:
             await service.close()
             await events.stop()

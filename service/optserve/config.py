@@ -42,6 +42,21 @@ class Settings(BaseSettings):
     idempotency_ttl_s: float = Field(
         default=86_400.0, gt=0, description="How long an Idempotency-Key's response is kept."
     )
+    session_ttl_s: float | None = Field(
+        default=None,
+        ge=0.1,
+        description="Idle TTL of sessions created without `ttl_s` (unset: they never expire).",
+    )
+    max_session_ttl_s: float | None = Field(
+        default=None,
+        ge=0.1,
+        description="Largest `ttl_s` a session may have; set, every session must expire.",
+    )
+    sweep_interval_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="How often expired sessions' index entries and leftover keys are cleared.",
+    )
     cors_origins: list[str] = Field(
         default_factory=list,
         description="Browser origins allowed to call the API (JSON list, e.g. "

@@ -39,6 +39,12 @@ class Mode(BaseModel):
     )
 
 
+TTL_DOC = (
+    "Idle lifetime in seconds: unused this long, the session and all its keys are deleted; any "
+    "push, pull, read or write renews it. null: never expires"
+)
+
+
 class SessionCreate(BaseModel):
     optimizer: Optimizer
     params: dict[str, Tensor] = Field(default_factory=dict, description="Initial values")
@@ -59,6 +65,9 @@ class SessionCreate(BaseModel):
     staleness: Literal["reject", "scale"] = Field(
         default="reject", description="Stale pushes: 409 stale_gradient, or lr / (1 + staleness)"
     )
+    ttl_s: float | None = Field(
+        default=None, ge=0.1, description=f"{TTL_DOC} (default: OPTSERVE_SESSION_TTL_S)"
+    )
     name: str | None = None
 
 
@@ -75,6 +84,7 @@ class Session(BaseModel):
     nonfinite: Literal["reject", "skip"]
     max_staleness: int | None
     staleness: Literal["reject", "scale"]
+    ttl_s: float | None = Field(description=TTL_DOC)
     created_at: str
     updated_at: str
 
@@ -89,6 +99,7 @@ class SessionPatch(BaseModel):
     nonfinite: Literal["reject", "skip"] | None = None
     max_staleness: int | None = None
     staleness: Literal["reject", "scale"] | None = None
+    ttl_s: float | None = Field(default=None, ge=0.1, description=TTL_DOC)
     name: str | None = None
 
 

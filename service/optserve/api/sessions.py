@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 
-from ..engine.errors import invalid_session
+from ..engine.errors import EngineError, invalid_session
 from ..engine.pushes import PushRequest
 from ..wire import SAFETENSORS, decode_json_object, decode_message, request_media_type
 from . import schemas
@@ -28,7 +28,7 @@ router = APIRouter(prefix="/v1/sessions", tags=["sessions"], responses=schemas.E
 
 CREATE_FIELDS = {
     "optimizer", "tensors", "mode", "lr_schedule", "clip_grad_norm", "nonfinite", "name",
-    "max_staleness", "staleness",
+    "max_staleness", "staleness", "ttl_s",
 }  # fmt: skip
 MAX_IDEMPOTENCY_KEY = 255
 PUSH_FIELDS = {"base_version", "worker"}
@@ -213,6 +213,12 @@ async def push_gradients(
     return tensor_response(negotiated, result.params, fields, "params", headers)
 
 
+def _version_to_adopt(state: dict[str, Any]) -> int:
+    if "version" not in state:
+        raise EngineError("invalid_state", 'adopt_version needs the document\'s "version"')
+    return state["version"]
+
+
 def _check_push_fields(fields: dict[str, Any]) -> None:
     base = fields.get("base_version")
     if base is not None and (isinstance(base, bool) or not isinstance(base, int) or base < 0):
@@ -246,6 +252,13 @@ async def put_state(
     service: Service,
     settings: AppSettings,
     if_match: Annotated[str | None, Header()] = None,
+    adopt_version: Annotated[
+        bool,
+        Query(
+            description="Take the document's version instead of adding one, so a checkpoint "
+            "restored into a new session continues its count; it must be past the session's"
+        ),
+    ] = False,
 ) -> Response:
     body = await read_body(request, settings.max_body_bytes)
     media_type = request_media_type(request.headers.get("content-type"))
@@ -257,5 +270,6 @@ async def put_state(
         schedule_state=state.get("lr_schedule_state"),
         lr_schedule=state.get("lr_schedule"),
         if_match=parse_version_header("If-Match", if_match),
+        version=_version_to_adopt(state) if adopt_version else None,
     )
     return json_response({"version": version}, headers={"ETag": etag(version)})

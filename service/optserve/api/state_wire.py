@@ -95,4 +95,9 @@ def decode_state(body: bytes, safetensors: bool) -> dict[str, Any]:
             if not isinstance(fields[key], dict):
                 raise invalid_session(f'"{key}" must be an object')
             state[key] = fields[key]
+    version = fields.get("version")
+    if version is not None:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise invalid_session('"version" must be a non-negative integer')
+        state["version"] = version
     return state

@@ -24,11 +24,13 @@ from ..optim import GradientError, TensorState
 from ..optim.schedules import ScheduleState
 from ..optim.update import check_gradients, find_non_finite, initial_states
 from ..store.errors import IdempotencyConflict, SessionGone, VersionConflict
-from ..store.redis_store import RedisStore, Snapshot
+from ..store.keys import TTL_FIELD
+from ..store.redis_store import KEEP, RedisStore, Snapshot
 from .arrays import array_from_bytes, state_from_fields, state_to_fields, to_bytes
 from .batcher import Batcher
 from .errors import EngineError, invalid_session, not_found
 from .events import VersionEvents
+from .lifetime import Lifetime, record_ttl_ms, ttl_s_of
 from .pushes import BatchPlan, BatchRun, PushRequest, PushResult, key_reused, run_pushes
 from .rounds import RoundCoordinator
 from .session_config import SessionConfig, build_config, check_shape, check_tensor_name
@@ -63,8 +65,10 @@ class SessionService:
         idempotency_ttl_s: float = 86_400.0,
         events: VersionEvents | None = None,
         rounds: RoundCoordinator | None = None,
+        lifetime: Lifetime | None = None,
     ) -> None:
         self.store = store
+        self.lifetime = lifetime or Lifetime()
         self.rounds = rounds or RoundCoordinator(store.client)
         self._modes: dict[str, dict[str, Any]] = {}
         self.idempotency_ttl_s = idempotency_ttl_s
@@ -122,20 +126,26 @@ class SessionService:
             "nonfinite": config.nonfinite,
             "max_staleness": config.max_staleness,
             "staleness": config.staleness,
+            "ttl_s": ttl_s_of(snap.meta),
             "created_at": snap.meta["created_at"],
             "updated_at": snap.meta["updated_at"],
         }
 
     async def get(self, sid: str) -> dict[str, Any]:
-        return self.view(await self._meta(sid))
+        snap = await self._meta(sid)
+        await self.store.touch(snap)  # a read is a use: it renews the session's TTL
+        return self.view(snap)
 
     async def list(self, offset: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        """Listing is not a use of each session: it renews no TTL."""
         views = []
+        gone = []
         for sid in await self.store.list_ids(offset, limit):
             try:
                 views.append(self.view(await self.store.read_meta(sid)))
             except SessionGone:
-                continue  # deleted between the index read and the meta read
+                gone.append(sid)  # expired (or deleted in between): drop it from the index
+        await self.store.forget(gone)
         return views
 
     # -- creating and deleting -------------------------------------------------------------------
@@ -192,6 +202,9 @@ class SessionService:
             "created_at": now,
             "updated_at": now,
         }
+        ttl_ms = self.lifetime.ttl_ms(fields, creating=True)
+        if ttl_ms is not None:
+            meta[TTL_FIELD] = str(ttl_ms)
         await self.store.create(sid, meta, writes)
         return self.view(await self._meta(sid))
 
@@ -208,9 +221,10 @@ class SessionService:
         A new lr behaves like torch's `group["lr"] = lr`: a running schedule continues from it.
         """
         allowed = {"optimizer", "clip_grad_norm", "nonfinite", "name", "max_staleness", "staleness"}
-        unknown = set(changes) - allowed
+        unknown = set(changes) - allowed - {"ttl_s"}
         if unknown:
             raise invalid_session(f"cannot change {', '.join(sorted(unknown))}")
+        ttl_ms = self.lifetime.ttl_ms(changes, creating=False) if "ttl_s" in changes else KEEP
         async with self._lock(sid):
             for _ in range(MAX_COMMIT_ATTEMPTS):
                 snap = await self._meta(sid)
@@ -241,7 +255,7 @@ class SessionService:
                     "updated_at": _now(),
                 }
                 try:
-                    await self.store.commit(snap, {}, meta, bump_version=False)
+                    await self.store.commit(snap, {}, meta, bump_version=False, ttl_ms=ttl_ms)
                 except VersionConflict:
                     continue
                 except SessionGone:
@@ -403,9 +417,8 @@ class SessionService:
         if digest is not None:
             record = {"request": request.body_digest, "version": result.version}
             record |= {"applied": True, "round": result.round}
-            await self.store.put_idempotency(
-                sid, digest, orjson.dumps(record).decode(), int(self.idempotency_ttl_s * 1000)
-            )
+            ttl_ms = record_ttl_ms(meta.meta, int(self.idempotency_ttl_s * 1000))
+            await self.store.put_idempotency(sid, digest, orjson.dumps(record).decode(), ttl_ms)
         names = self._returned_names(config, request)
         return PushResult(
             version=result.version,
@@ -600,11 +613,15 @@ class SessionService:
         schedule_state: Mapping[str, Any] | None = None,
         lr_schedule: Mapping[str, Any] | None = None,
         if_match: int | None = None,
+        version: int | None = None,
     ) -> int:
         """Replace params and the whole optimizer state (a checkpoint restore); new version.
 
         Like torch's `load_state_dict`, saved hyperparameters replace the live ones; a tensor
-        listed without state arrays has none afterwards (as if never stepped).
+        listed without state arrays has none afterwards (as if never stepped). With `version`
+        the session takes that version instead of adding one (a restore into a new session
+        continues the checkpoint's count); versions never go back, so it must be past the
+        current one.
         """
         async with self._lock(sid):
             snap = await self._meta(sid)
@@ -613,6 +630,13 @@ class SessionService:
                 raise EngineError(
                     "precondition_failed",
                     f"If-Match {if_match} but the session is at version {snap.version}",
+                    version=snap.version,
+                )
+            if version is not None and version <= snap.version:
+                raise EngineError(
+                    "invalid_state",
+                    f"the state's version {version} is not past the session's {snap.version}; "
+                    "versions never go back",
                     version=snap.version,
                 )
             if optimizer is not None:
@@ -659,7 +683,13 @@ class SessionService:
                 "updated_at": _now(),
             }
             try:
-                return await self.store.commit(snap, writes, meta, replace_state=list(writes))
+                return await self.store.commit(
+                    snap,
+                    writes,
+                    meta,
+                    replace_state=list(writes),
+                    bump_version=True if version is None else version - snap.version,
+                )
             except VersionConflict as conflict:
                 raise EngineError(
                     "precondition_failed" if if_match is not None else "conflict",

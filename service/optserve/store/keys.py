@@ -15,10 +15,26 @@ SESSION_INDEX = f"{PREFIX}:sessions"
 #: Meta hash field naming the list of arrays stored for one tensor (`param` and state names).
 MANIFEST_FIELD_PREFIX = "a:"
 VERSION_FIELD = "version"
+#: Meta hash field holding the session's idle TTL in milliseconds (absent: the session never
+#: expires); the commit and touch scripts read it, so it lives beside the version.
+TTL_FIELD = "ttl_ms"
 
 
 def session_tag(sid: str) -> str:
     return f"{PREFIX}:{{{sid}}}"
+
+
+#: Pattern matching every key inside any session's hash tag (the sweeper scans with it). Session
+#: ids are 32 hex digits (engine/sessions.py), so other hash-tagged keys never match.
+SESSION_KEYS_PATTERN = f"{PREFIX}:{{{'[0-9a-f]' * 32}}}:*"
+
+
+def sid_of_key(key: bytes | str) -> str | None:
+    """The session id inside a key's hash tag, or None for a key outside any session."""
+    text = key.decode() if isinstance(key, bytes) else key
+    start = text.find("{")
+    end = text.find("}", start + 1)
+    return text[start + 1 : end] if 0 <= start < end else None
 
 
 def meta_key(sid: str) -> str:

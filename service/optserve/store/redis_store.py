@@ -6,6 +6,14 @@ written to staged keys (same hash slot, short TTL), then `commit.lua` checks the
 renames them into place, so no reader ever sees a half-written session and no multi-MB value
 passes through Lua. With fsync=always the same connection then waits for the AOF fsync
 (`WAITAOF 1 0`) before the commit returns.
+
+Session lifetime: a session with a TTL (meta field `ttl_ms`) expires natively in Redis, so it
+goes even when no optserve process runs. Every key of the session (meta and every array chunk)
+carries the same expiry: creation sets it, each commit re-sets it on all of them (the commit
+script refuses if the TTL changed since the caller read the key list), and reads renew it with
+`touch.lua`. A session is therefore either whole or gone. Keys outside the manifests (staged
+arrays, idempotency records, the lease) never outlive the session by more than their own short
+TTLs; store/sweeper.py clears leftovers and stale index entries.
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ CHUNK_BYTES = 16 * 2**20
 #: What a write may pass: bytes, or a zero-copy view of an array's memory.
 Buffer = bytes | bytearray | memoryview
 _COMMIT_SCRIPT = resources.files(__package__).joinpath("commit.lua").read_text()
+_TOUCH_SCRIPT = resources.files(__package__).joinpath("touch.lua").read_text()
+#: commit(ttl_ms=KEEP): the session keeps the TTL it has.
+KEEP: Any = object()
 _RELEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -75,6 +86,21 @@ def _manifest_value(counts: Mapping[str, int]) -> str:
     return ",".join(f"{name}:{counts[name]}" for name in sorted(counts))
 
 
+def _array_keys(sid: str, manifests: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """Every array chunk key the manifests name."""
+    return [
+        keys.array_key(sid, tensor, name, index)
+        for tensor, counts in manifests.items()
+        for name, count in counts.items()
+        for index in range(count)
+    ]
+
+
+def _ttl_of(meta: Mapping[str, str]) -> str:
+    """The session's TTL in ms as the scripts compare it ("" for none)."""
+    return meta.get(keys.TTL_FIELD, "")
+
+
 def _chunks(data: Buffer, size: int) -> list[memoryview]:
     """Zero-copy slices of at most `size` bytes (one, possibly empty, for an empty array)."""
     view = memoryview(data).cast("B")
@@ -93,6 +119,7 @@ class RedisStore:
         self.fsync_always = fsync_always
         self._commit = client.register_script(_COMMIT_SCRIPT)
         self._release = client.register_script(_RELEASE_SCRIPT)
+        self._touch = client.register_script(_TOUCH_SCRIPT)
 
     @classmethod
     def from_url(
@@ -110,8 +137,10 @@ class RedisStore:
     async def create(
         self, sid: str, meta: Mapping[str, str], arrays: Mapping[str, Mapping[str, Buffer]]
     ) -> None:
-        """Write a new session at version 0 in one transaction."""
+        """Write a new session at version 0 in one transaction; a `ttl_ms` meta field makes
+        every key of it expire after that long (renewed by each commit and read)."""
         fields = dict(meta)
+        ttl_ms = int(fields[keys.TTL_FIELD]) if fields.get(keys.TTL_FIELD) else None
         fields[keys.VERSION_FIELD] = "0"
         chunked = {
             tensor: {name: _chunks(data, self.chunk_bytes) for name, data in values.items()}
@@ -128,7 +157,10 @@ class RedisStore:
                 for tensor, values in chunked.items():
                     for name, parts in values.items():
                         for index, part in enumerate(parts):
-                            pipe.set(keys.array_key(sid, tensor, name, index), part)
+                            key = keys.array_key(sid, tensor, name, index)
+                            pipe.set(key, part, px=ttl_ms)
+                if ttl_ms is not None:
+                    pipe.pexpire(keys.meta_key(sid), ttl_ms)
                 pipe.zadd(keys.SESSION_INDEX, {sid: time.time()})
                 await pipe.execute()
 
@@ -174,7 +206,8 @@ class RedisStore:
         Reads meta, then the arrays together with the version in one MULTI; if a commit landed
         in between, it reads again, so the arrays always belong to the version returned. Given
         the meta the caller just read (`base`), it skips that read and raises VersionConflict
-        instead of reading again, for callers that restart their own work anyway.
+        instead of reading again, for callers that restart their own work anyway. A read is a
+        use: it renews the session's TTL in the same transaction.
         """
         wanted_state = tuple(state_of)
         for _ in range(attempts if base is None else 1):
@@ -191,11 +224,13 @@ class RedisStore:
                 for i in range(count)
             ]
 
-            async def run(array_keys: list[str] = array_keys) -> list:
+            async def run(array_keys: list[str] = array_keys, snapshot: Snapshot = base) -> list:
                 async with self.client.pipeline(transaction=True) as pipe:
                     pipe.hget(keys.meta_key(sid), keys.VERSION_FIELD)
                     if array_keys:
                         pipe.mget(array_keys)
+                    if _ttl_of(snapshot.meta):
+                        self._touch_in(pipe, snapshot)
                     return await pipe.execute()
 
             replies = await _guard(run)
@@ -205,13 +240,23 @@ class RedisStore:
                 current = int(replies[0])
                 base = None
                 continue
-            values = iter(replies[1] if array_keys else [])
+            values = iter(replies[1] if array_keys else [])  # (the touch's reply is last)
             for key, count in zip(wanted, counts, strict=True):
                 parts = [next(values) for _ in range(count)]
                 if all(part is not None for part in parts):
                     base.arrays[key] = parts
             return base
         raise VersionConflict(current)
+
+    def _touch_in(self, pipe: Any, snap: Snapshot) -> None:
+        keys_ = [keys.meta_key(snap.sid), *_array_keys(snap.sid, snap.manifests)]
+        self._touch(keys=keys_, args=[snap.version], client=pipe)
+
+    async def touch(self, snap: Snapshot) -> None:
+        """Renew the session's TTL (a use that reads only meta); nothing if it has none."""
+        if _ttl_of(snap.meta):
+            keys_ = [keys.meta_key(snap.sid), *_array_keys(snap.sid, snap.manifests)]
+            await _guard(lambda: self._touch(keys=keys_, args=[snap.version]))
 
     async def commit(
         self,
@@ -224,6 +269,7 @@ class RedisStore:
         conditional: bool = True,
         idempotency: Mapping[str, str] | None = None,
         idempotency_ttl_ms: int = 86_400_000,
+        ttl_ms: int | None = KEEP,
     ) -> int:
         """Apply `writes` (tensor -> array name -> bytes) and `meta` atomically if the session is
         still at `base.version`; returns the new version.
@@ -233,7 +279,9 @@ class RedisStore:
         written are deleted (a state import replaces the whole state); otherwise a tensor's other
         arrays stay. `idempotency` maps digests to records created in the same transaction; if
         one exists already, IdempotencyConflict. Raises VersionConflict or SessionGone too, and
-        then nothing was applied.
+        then nothing was applied. `ttl_ms` sets the session's TTL (None: never expires); by
+        default it keeps the one in `base.meta`, and every key is renewed with it. A TTL changed
+        by someone else since `base` was read is a VersionConflict (the key list may be stale).
         """
         sid = base.sid
         token = secrets.token_hex(8)
@@ -262,6 +310,21 @@ class RedisStore:
             ]
         records = dict(idempotency or {})
         increment = int(bump_version)
+        old_ttl = _ttl_of(base.meta)
+        new_ttl = old_ttl if ttl_ms is KEEP else ("" if ttl_ms is None else str(int(ttl_ms)))
+        live: list[str] = []
+        if old_ttl or new_ttl:
+            manifests = {t: dict(c) for t, c in base.manifests.items()}
+            for tensor, values in chunked.items():
+                if tensor in replaced:
+                    manifests[tensor] = {}
+                manifests.setdefault(tensor, {}).update(
+                    {name: len(parts) for name, parts in values.items()}
+                )
+            live = _array_keys(sid, manifests)
+        # A staged array outlives a commit that never ran by at most this; keep it short for
+        # a short-lived session (but long enough for the write of a big array to finish).
+        staged_ms = min(STAGED_TTL_MS, max(int(new_ttl), 10_000)) if new_ttl else STAGED_TTL_MS
         args: list[str] = [
             str(base.version) if conditional else "",
             str(len(staged) // 2),
@@ -270,6 +333,8 @@ class RedisStore:
             str(increment),
             str(idempotency_ttl_ms),
             keys.events_channel(sid),
+            old_ttl,
+            new_ttl,
             *records.values(),
         ]
         for name, value in fields.items():
@@ -282,9 +347,9 @@ class RedisStore:
                     for name, parts in values.items():
                         for index, part in enumerate(parts):
                             key = keys.staged_key(sid, token, tensor, name, index)
-                            pipe.set(key, part, px=STAGED_TTL_MS)
+                            pipe.set(key, part, px=staged_ms)
                 await self._commit(
-                    keys=[keys.meta_key(sid), *staged, *deletes, *record_keys],
+                    keys=[keys.meta_key(sid), *staged, *deletes, *record_keys, *live],
                     args=args,
                     client=pipe,
                 )
@@ -329,13 +394,7 @@ class RedisStore:
         except SessionGone:
             await _guard(lambda: self.client.zrem(keys.SESSION_INDEX, sid))
             return False
-        doomed = [keys.meta_key(sid), keys.lease_key(sid)]
-        doomed += [
-            keys.array_key(sid, tensor, name, index)
-            for tensor, counts in base.manifests.items()
-            for name, count in counts.items()
-            for index in range(count)
-        ]
+        doomed = [keys.meta_key(sid), keys.lease_key(sid), *_array_keys(sid, base.manifests)]
 
         async def run() -> None:
             async with self.client.pipeline(transaction=True) as pipe:
@@ -345,6 +404,12 @@ class RedisStore:
 
         await _guard(run)
         return True
+
+    async def forget(self, sids: Iterable[str]) -> None:
+        """Drop ids of sessions that are gone (expired) from the listing index."""
+        sids = list(sids)
+        if sids:
+            await _guard(lambda: self.client.zrem(keys.SESSION_INDEX, *sids))
 
     async def list_ids(self, offset: int = 0, limit: int = 100) -> list[str]:
         """Session ids, oldest first."""
