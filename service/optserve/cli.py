@@ -9,6 +9,7 @@ from pathlib import Path
 
 import uvicorn
 
+from . import checkpoint
 from .app import create_app
 from .config import Settings
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     openapi_parser = commands.add_parser("openapi", help="print the OpenAPI document")
     openapi_parser.add_argument("--output", help="write it to this file instead")
     openapi_parser.set_defaults(run=openapi)
+    checkpoint.add_parser(commands)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -52,9 +52,3 @@ def ttl_s_of(meta: Mapping[str, str]) -> float | None:
     """The session's TTL in seconds as the API shows it, from its stored meta."""
     raw = meta.get(TTL_FIELD)
     return int(raw) / 1000 if raw else None
-
-
-def record_ttl_ms(meta: Mapping[str, str], default_ms: int) -> int:
-    """An idempotency record's TTL: never longer than the session it belongs to could live."""
-    raw = meta.get(TTL_FIELD)
-    return min(default_ms, int(raw)) if raw else default_ms

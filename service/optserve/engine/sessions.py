@@ -30,7 +30,7 @@ from .arrays import array_from_bytes, state_from_fields, state_to_fields, to_byt
 from .batcher import Batcher
 from .errors import EngineError, invalid_session, not_found
 from .events import VersionEvents
-from .lifetime import Lifetime, record_ttl_ms, ttl_s_of
+from .lifetime import Lifetime, ttl_s_of
 from .pushes import BatchPlan, BatchRun, PushRequest, PushResult, key_reused, run_pushes
 from .rounds import RoundCoordinator
 from .session_config import SessionConfig, build_config, check_shape, check_tensor_name
@@ -417,8 +417,9 @@ class SessionService:
         if digest is not None:
             record = {"request": request.body_digest, "version": result.version}
             record |= {"applied": True, "round": result.round}
-            ttl_ms = record_ttl_ms(meta.meta, int(self.idempotency_ttl_s * 1000))
-            await self.store.put_idempotency(sid, digest, orjson.dumps(record).decode(), ttl_ms)
+            await self.store.put_idempotency(
+                sid, digest, orjson.dumps(record).decode(), int(self.idempotency_ttl_s * 1000)
+            )
         names = self._returned_names(config, request)
         return PushResult(
             version=result.version,

@@ -48,14 +48,13 @@ for i = 1, p do
   redis.call('PERSIST', KEYS[2 * i + 1])
 end
 for i = 2 + 2 * p, first_idem - 1 do redis.call('DEL', KEYS[i]) end
-local new_ttl = ARGV[9]
-local record_ttl = ARGV[6]
-if new_ttl ~= '' and tonumber(new_ttl) < tonumber(record_ttl) then record_ttl = new_ttl end
 for i = 0, r - 1 do
-  redis.call('SET', KEYS[first_idem + i], ARGV[10 + i], 'PX', record_ttl)
+  redis.call('SET', KEYS[first_idem + i], ARGV[10 + i], 'PX', ARGV[6])
 end
 -- Every key of the session expires at the same moment, or none does: a partial session never
--- outlives its meta.
+-- outlives its meta. (Idempotency records keep their own TTL: a retry must never apply twice
+-- while the session lives; the sweeper removes them once it is gone.)
+local new_ttl = ARGV[9]
 if new_ttl ~= '' then
   redis.call('HSET', KEYS[1], 'ttl_ms', new_ttl)
   redis.call('PEXPIRE', KEYS[1], new_ttl)

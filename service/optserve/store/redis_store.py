@@ -11,9 +11,10 @@ Session lifetime: a session with a TTL (meta field `ttl_ms`) expires natively in
 goes even when no optserve process runs. Every key of the session (meta and every array chunk)
 carries the same expiry: creation sets it, each commit re-sets it on all of them (the commit
 script refuses if the TTL changed since the caller read the key list), and reads renew it with
-`touch.lua`. A session is therefore either whole or gone. Keys outside the manifests (staged
-arrays, idempotency records, the lease) never outlive the session by more than their own short
-TTLs; store/sweeper.py clears leftovers and stale index entries.
+`touch.lua`. A session is therefore either whole or gone. Keys outside the manifests keep their
+own TTLs: staged arrays and the lease (short), idempotency records (idempotency_ttl_s, so a
+retry never applies twice while the session lives); store/sweeper.py removes them, and the
+listing index entry, once the session is gone.
 """
 
 from __future__ import annotations
@@ -230,7 +231,7 @@ class RedisStore:
                     if array_keys:
                         pipe.mget(array_keys)
                     if _ttl_of(snapshot.meta):
-                        self._touch_in(pipe, snapshot)
+                        await self._touch_in(pipe, snapshot)
                     return await pipe.execute()
 
             replies = await _guard(run)
@@ -248,9 +249,10 @@ class RedisStore:
             return base
         raise VersionConflict(current)
 
-    def _touch_in(self, pipe: Any, snap: Snapshot) -> None:
+    async def _touch_in(self, pipe: Any, snap: Snapshot) -> None:
+        """Queue the touch script on a pipeline (awaiting it only queues it)."""
         keys_ = [keys.meta_key(snap.sid), *_array_keys(snap.sid, snap.manifests)]
-        self._touch(keys=keys_, args=[snap.version], client=pipe)
+        await self._touch(keys=keys_, args=[snap.version], client=pipe)
 
     async def touch(self, snap: Snapshot) -> None:
         """Renew the session's TTL (a use that reads only meta); nothing if it has none."""
