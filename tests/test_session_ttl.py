@@ -136,7 +136,8 @@ async def test_chunked_session_expires_whole_and_a_racing_commit_cannot_split_it
                 ),
             )
         live = tagged_keys(raw, sid)
-        assert sum(b":a:" in k for k in live) == 3 * 7 + 1 and sum(b":idem:" in k for k in live) == 3
+        assert sum(b":a:" in k for k in live) == 3 * 7 + 1  # param, exp_avg(_sq) and step
+        assert sum(b":idem:" in k for k in live) == 3
         assert all(0 < raw.pttl(k) <= 600 for k in live if b":idem:" not in k)
 
         # A commit prepared before the TTL changed is refused: its key list may be stale.
@@ -198,12 +199,18 @@ async def test_sweeper_clears_index_entries_and_leftover_keys(redis_url):
         await service.push(deleted, PushRequest(grads=params, idempotency_key="a", body_digest="a"))
         await service.delete(deleted)  # its idempotency record has its own (24 h) TTL
         expired = (await service.create({**fields, "ttl_s": 0.2}, params))["id"]
+        sync_mode = {"type": "sync", "workers": 1, "timeout_s": 5}
+        synced = (await service.create({**fields, "mode": sync_mode, "ttl_s": 0.2}, params))["id"]
+        await service.push(synced, PushRequest(grads=params, worker="w1"))
         raw.set("optserve:{tenant-1}:other", "not a session's")  # another hash tag: untouched
         await asyncio.sleep(0.4)
-        assert [k for k in tagged_keys(raw, deleted)] != []
+        assert tagged_keys(raw, deleted) != []
+        leftover = tagged_keys(raw, synced)  # its data expired; its round keys have own TTLs
+        assert leftover and not any(b":meta" in k or b":a:" in k for k in leftover), leftover
         assert raw.zscore(keys.SESSION_INDEX, expired) is not None
-        assert await sweep(store) == (1, 1)
-        assert tagged_keys(raw, deleted) == [] and tagged_keys(raw, expired) == []
+        assert await sweep(store) == (2, 1 + len(leftover))
+        assert tagged_keys(raw, deleted) == tagged_keys(raw, expired) == []
+        assert tagged_keys(raw, synced) == []
         assert raw.zscore(keys.SESSION_INDEX, expired) is None
         assert len(tagged_keys(raw, kept)) == 3  # meta, param, idempotency record
         assert raw.get("optserve:{tenant-1}:other") == b"not a session's"

@@ -155,13 +155,13 @@ class RedisStore:
         async def run() -> None:
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.hset(keys.meta_key(sid), mapping=fields)
+                if ttl_ms is not None:  # first: the meta never outlives an array, even by 1 ms
+                    pipe.pexpire(keys.meta_key(sid), ttl_ms)
                 for tensor, values in chunked.items():
                     for name, parts in values.items():
                         for index, part in enumerate(parts):
                             key = keys.array_key(sid, tensor, name, index)
                             pipe.set(key, part, px=ttl_ms)
-                if ttl_ms is not None:
-                    pipe.pexpire(keys.meta_key(sid), ttl_ms)
                 pipe.zadd(keys.SESSION_INDEX, {sid: time.time()})
                 await pipe.execute()
 
