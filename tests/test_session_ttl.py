@@ -23,6 +23,7 @@ from optserve.store import keys
 from optserve.store.errors import VersionConflict
 from optserve.store.redis_store import RedisStore
 from optserve.store.sweeper import sweep
+from optserve_client import Client
 
 from .api_helpers import assert_problem, create, push, tensor
 
@@ -219,3 +220,12 @@ async def test_sweeper_clears_index_entries_and_leftover_keys(redis_url):
         await service.close()
         await store.close()
         raw.close()
+
+
+def test_python_client_sets_and_clears_ttl(api_url):
+    with Client(api_url) as client:
+        session = client.create_session("sgd", {"w": np.ones(2, np.float32)}, lr=0.1, ttl_s=30)
+        assert session.info()["ttl_s"] == 30
+        assert session.update(ttl_s=5)["ttl_s"] == 5
+        assert session.update(lr=0.2)["ttl_s"] == 5  # left out: unchanged
+        assert session.update(ttl_s=None)["ttl_s"] is None

@@ -357,6 +357,7 @@ class BaseClient:
         max_staleness: int | None,
         staleness: str | None,
         hyperparameters: Mapping[str, Any],
+        ttl_s: float | None = None,
     ) -> Call[dict[str, Any]]:
         if isinstance(optimizer, str):
             spec: dict[str, Any] = {"name": optimizer, **hyperparameters}
@@ -367,7 +368,7 @@ class BaseClient:
             fields["tensors"] = {n: _shape_spec(n, s) for n, s in tensors.items()}
         optional = {
             "lr_schedule": lr_schedule, "clip_grad_norm": clip_grad_norm, "name": name,
-            "max_staleness": max_staleness, "staleness": staleness,
+            "max_staleness": max_staleness, "staleness": staleness, "ttl_s": ttl_s,
         }  # fmt: skip
         fields.update({key: value for key, value in optional.items() if value is not None})
         content, content_type = encode_message(self.codec, "params", params or {}, fields)
@@ -432,13 +433,14 @@ class BaseSession:
         max_staleness: int | _Unset | None,
         staleness: str | _Unset,
         hyperparameters: Mapping[str, Any],
+        ttl_s: float | _Unset | None = UNSET,
     ) -> Call[dict[str, Any]]:
         changes: dict[str, Any] = {}
         if hyperparameters:
             changes["optimizer"] = dict(hyperparameters)
         for key, value in (("clip_grad_norm", clip_grad_norm), ("nonfinite", nonfinite),
                            ("name", name), ("max_staleness", max_staleness),
-                           ("staleness", staleness)):  # fmt: skip
+                           ("staleness", staleness), ("ttl_s", ttl_s)):  # fmt: skip
             if value is not UNSET:
                 changes[key] = value
         request = self._client._request(

@@ -97,6 +97,7 @@ class AsyncClient(BaseClient):
         name: str | None = None,
         max_staleness: int | None = None,
         staleness: str | None = None,
+        ttl_s: float | None = None,
         **hyperparameters: Any,
     ) -> AsyncSession:
         """Create a session and return a handle on it (see Client.create_session)."""
@@ -104,6 +105,7 @@ class AsyncClient(BaseClient):
             optimizer, params, tensors=tensors, lr_schedule=lr_schedule,
             clip_grad_norm=clip_grad_norm, nonfinite=nonfinite, name=name,
             max_staleness=max_staleness, staleness=staleness, hyperparameters=hyperparameters,
+            ttl_s=ttl_s,
         )  # fmt: skip
         info = await self._run(call)
         return AsyncSession(self, info["id"], int(info["version"]))
@@ -144,12 +146,14 @@ class AsyncSession(BaseSession):
         name: str | _Unset | None = UNSET,
         max_staleness: int | _Unset | None = UNSET,
         staleness: str | _Unset = UNSET,
+        ttl_s: float | _Unset | None = UNSET,
         **hyperparameters: Any,
     ) -> dict[str, Any]:
         """Change hyperparameters in flight (see Session.update)."""
         call = self._update_call(
             clip_grad_norm=clip_grad_norm, nonfinite=nonfinite, name=name,
             max_staleness=max_staleness, staleness=staleness, hyperparameters=hyperparameters,
+            ttl_s=ttl_s,
         )  # fmt: skip
         return await self._client._run(call)
 

@@ -99,6 +99,7 @@ class Client(BaseClient):
         name: str | None = None,
         max_staleness: int | None = None,
         staleness: str | None = None,
+        ttl_s: float | None = None,
         **hyperparameters: Any,
     ) -> Session:
         """Create a session and return a handle on it.
@@ -108,11 +109,13 @@ class Client(BaseClient):
         `tensors` names zero-initialised tensors by shape, so large ones need not be uploaded.
         `max_staleness=K` refuses pushes whose base_version is more than K behind (409
         `stale_gradient`), or with `staleness="scale"` applies them with lr / (1 + staleness).
+        `ttl_s` deletes the session once it goes that many seconds unused (any use renews it).
         """
         call = self._create_call(
             optimizer, params, tensors=tensors, lr_schedule=lr_schedule,
             clip_grad_norm=clip_grad_norm, nonfinite=nonfinite, name=name,
             max_staleness=max_staleness, staleness=staleness, hyperparameters=hyperparameters,
+            ttl_s=ttl_s,
         )  # fmt: skip
         info = self._run(call)
         return Session(self, info["id"], int(info["version"]))
@@ -151,16 +154,19 @@ class Session(BaseSession):
         name: str | _Unset | None = UNSET,
         max_staleness: int | _Unset | None = UNSET,
         staleness: str | _Unset = UNSET,
+        ttl_s: float | _Unset | None = UNSET,
         **hyperparameters: Any,
     ) -> dict[str, Any]:
         """Change hyperparameters in flight (`update(lr=1e-4)`); returns the session info.
 
-        `clip_grad_norm=None` turns clipping off, `max_staleness=None` accepts any staleness and
-        `name=None` clears the name, so leaving a keyword out is what keeps it unchanged.
+        `clip_grad_norm=None` turns clipping off, `max_staleness=None` accepts any staleness,
+        `name=None` clears the name and `ttl_s=None` makes the session never expire, so leaving
+        a keyword out is what keeps it unchanged.
         """
         call = self._update_call(
             clip_grad_norm=clip_grad_norm, nonfinite=nonfinite, name=name,
             max_staleness=max_staleness, staleness=staleness, hyperparameters=hyperparameters,
+            ttl_s=ttl_s,
         )  # fmt: skip
         return self._client._run(call)
 
