@@ -11,11 +11,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from . import __version__
-from .api import health, problems, sessions
+from .api import health, monitoring, problems, sessions
+from .api.request_log import RequestLogMiddleware
 from .config import Settings, get_settings
 from .engine.events import VersionEvents
 from .engine.lifetime import Lifetime
 from .engine.sessions import SessionService
+from .metrics import Metrics
 from .store.embedded import EmbeddedValkey
 from .store.redis_store import RedisStore
 from .store.sweeper import sweeping
@@ -26,6 +28,7 @@ log = logging.getLogger("optserve")
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app; without OPTSERVE_REDIS_URL it starts (or adopts) the embedded Valkey."""
     settings = settings or get_settings()
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -36,7 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             url = await to_thread.run_sync(embedded.start)
             log.info("embedded valkey at %s, data in %s", url, settings.data_dir.resolve())
         store = RedisStore.from_url(
-            url, fsync_always=settings.fsync == "always", health_check_interval=30
+            url, fsync_always=settings.fsync == "always", health_check_interval=30, metrics=metrics
         )
         events = VersionEvents(store.client)
         events.start()
@@ -46,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             idempotency_ttl_s=settings.idempotency_ttl_s,
             events=events,
             lifetime=Lifetime(settings.session_ttl_s, settings.max_session_ttl_s),
+            metrics=metrics,
         )
         app.state.store = store
         app.state.service = service
@@ -53,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             async with sweeping(store, settings.sweep_interval_s):
                 yield
         finally:
-            await service.close()
+            await service.close(wait_s=settings.shutdown_timeout_s)
             await events.stop()
             await store.close()
             if embedded is not None:
@@ -66,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = metrics
     if settings.cors_origins:
         # Browsers may call from these origins and read the headers the clients rely on.
         app.add_middleware(
@@ -73,10 +78,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["*"],
             allow_headers=["*"],
-            expose_headers=["ETag", "Idempotency-Replayed", "Retry-After", "Location"],
+            expose_headers=[
+                "ETag",
+                "Idempotency-Replayed",
+                "Retry-After",
+                "Location",
+                "X-Request-ID",
+            ],
             max_age=600,
         )
+    app.add_middleware(RequestLogMiddleware)  # outermost: every response gets its id
     problems.install(app)
     app.include_router(health.router)
+    app.include_router(monitoring.router)
     app.include_router(sessions.router)
     return app
+
+
+def release_long_polls(app: FastAPI) -> None:
+    """The server began its graceful shutdown: long-polls answer now, pushes carry on."""
+    service: SessionService | None = getattr(app.state, "service", None)
+    if service is not None:
+        service.release_long_polls()

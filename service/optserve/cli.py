@@ -15,19 +15,10 @@ from .config import Settings
 
 
 def serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    from .app import create_app
+    from .server import run
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
-    settings = Settings(**overrides)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
-    )
+    run(Settings(**overrides))
 
 
 def openapi_document() -> str:

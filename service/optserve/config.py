@@ -63,6 +63,16 @@ class Settings(BaseSettings):
         '["https://app.example"]); empty: no CORS headers.',
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["json", "text"] = Field(
+        default="json",
+        description="json: one JSON object per line on stderr; text: for reading in a terminal.",
+    )
+    shutdown_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="On SIGTERM, how long requests in flight may take to finish before they are "
+        "cancelled (and again for queued pushes and rounds to commit).",
+    )
 
     @property
     def is_loopback(self) -> bool:

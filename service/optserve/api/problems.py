@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from ..engine.errors import EngineError
+from ..logs import request_id
 from ..optim import OptimError
 from ..store.errors import StoreUnavailable
 from ..wire import WireError, encode_json
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://optserve.dev/problems/"
+#: The name of the gradient push route (api/sessions.py): its problems are counted by code.
+PUSH_ROUTE = "push_gradients"
 
 #: code -> (status, title). The codes are part of the API: never rename one.
 CODES: dict[str, tuple[int, str]] = {
@@ -58,17 +63,39 @@ class Problem(Exception):
         super().__init__(detail)
 
 
+class ProblemResponse(Response):
+    """A problem+json response that remembers its `code` (counted for refused pushes)."""
+
+    media_type = PROBLEM_JSON
+
+    def __init__(self, code: str, body: bytes, status: int, headers: dict[str, str] | None):
+        super().__init__(body, status, headers=headers)
+        self.code = code
+
+
 def problem_response(
     code: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
-) -> Response:
+) -> ProblemResponse:
+    """The problem for `code`; inside a request it carries the request's id as `request_id`
+    (also the X-Request-ID header), to quote when asking for support."""
     status, title = CODES[code]
     body = {"type": TYPE_BASE + code, "title": title, "status": status, "detail": detail}
     body["code"] = code
+    rid = request_id.get()
+    if rid is not None:
+        body["request_id"] = rid
     body.update(extra)
-    return Response(encode_json(body), status, headers=headers, media_type=PROBLEM_JSON)
+    return ProblemResponse(code, encode_json(body), status, headers)
 
 
-def _from_optim(error: OptimError) -> Response:
+def count_refused_push(scope: Scope, code: str) -> None:
+    """A push answered with a problem: optserve_pushes_rejected_total{code} goes up."""
+    route = scope.get("route")
+    if getattr(route, "name", None) == PUSH_ROUTE:
+        scope["app"].state.metrics.pushes_rejected.labels(code).inc()
+
+
+def _from_optim(error: OptimError) -> ProblemResponse:
     extra: dict[str, Any] = {}
     for attribute in ("field", "allowed", "tensor", "tensors"):
         if hasattr(error, attribute):
@@ -88,43 +115,58 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+Handler = Callable[[Request, Any], Awaitable[ProblemResponse]]
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every error into a problem response."""
 
-    @app.exception_handler(Problem)
-    async def _problem(_: Request, error: Problem) -> Response:
+    def handles(kind: type[Exception]) -> Callable[[Handler], Handler]:
+        def register(answer: Handler) -> Handler:
+            async def handle(request: Request, error: Any) -> ProblemResponse:
+                response = await answer(request, error)
+                count_refused_push(request.scope, response.code)
+                return response
+
+            app.add_exception_handler(kind, handle)
+            return answer
+
+        return register
+
+    @handles(Problem)
+    async def _problem(_: Request, error: Problem) -> ProblemResponse:
         return problem_response(error.code, error.detail, error.headers, **error.extra)
 
-    @app.exception_handler(EngineError)
-    async def _engine(_: Request, error: EngineError) -> Response:
+    @handles(EngineError)
+    async def _engine(_: Request, error: EngineError) -> ProblemResponse:
         return problem_response(error.code, error.detail, **_jsonable(error.extra))
 
-    @app.exception_handler(OptimError)
-    async def _optim(_: Request, error: OptimError) -> Response:
+    @handles(OptimError)
+    async def _optim(_: Request, error: OptimError) -> ProblemResponse:
         return _from_optim(error)
 
-    @app.exception_handler(WireError)
-    async def _wire(_: Request, error: WireError) -> Response:
+    @handles(WireError)
+    async def _wire(_: Request, error: WireError) -> ProblemResponse:
         return problem_response(error.code, error.detail)
 
-    @app.exception_handler(StoreUnavailable)
-    async def _store(_: Request, error: StoreUnavailable) -> Response:
+    @handles(StoreUnavailable)
+    async def _store(_: Request, error: StoreUnavailable) -> ProblemResponse:
         return problem_response(
             "store_unavailable", f"the store is unreachable: {error}", {"Retry-After": "1"}
         )
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, error: RequestValidationError) -> Response:
+    @handles(RequestValidationError)
+    async def _validation(_: Request, error: RequestValidationError) -> ProblemResponse:
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in error.errors()]
         return problem_response("invalid_request", "the request is not valid", errors=errors)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, error: StarletteHTTPException) -> Response:
+    @handles(StarletteHTTPException)
+    async def _http(_: Request, error: StarletteHTTPException) -> ProblemResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
         if code is None:
             code = "invalid_body" if error.status_code == 400 else "internal_error"
         return problem_response(code, str(error.detail), dict(error.headers or {}))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, error: Exception) -> Response:
+    @handles(Exception)
+    async def _unexpected(_: Request, error: Exception) -> ProblemResponse:
         return problem_response("internal_error", "an unexpected error occurred")

@@ -162,6 +162,9 @@ class Problem(BaseModel):
     status: int
     detail: str
     code: str = Field(description="Stable error code, e.g. session_not_found, non_finite")
+    request_id: str | None = Field(
+        default=None, description="The request's id, as in the X-Request-ID response header"
+    )
 
 
 _PROBLEM = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -176,9 +177,11 @@ async def push_gradients(
     ] = None,
     dtype: TensorDtype = None,
 ) -> Response:
+    start = time.perf_counter()
     negotiated = response_format(request, dtype)  # a 406 before the step, not after
     body = await read_body(request, settings.max_body_bytes)
-    message = decode_message(body, request.headers.get("content-type"), "grads", upcast=True)
+    content_type = request.headers.get("content-type")
+    message = decode_message(body, content_type, "grads", upcast=True)
     _only(message.fields, PUSH_FIELDS, "push")
     _check_push_fields(message.fields)
     if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
@@ -210,7 +213,11 @@ async def push_gradients(
     headers = {"ETag": etag(result.params_version or result.version)}  # the params' version
     if result.replayed:
         headers["Idempotency-Replayed"] = "true"
-    return tensor_response(negotiated, result.params, fields, "params", headers)
+    response = tensor_response(negotiated, result.params, fields, "params", headers)
+    codec = "safetensors" if request_media_type(content_type) == SAFETENSORS else "json"
+    push_seconds = request.app.state.metrics.push_seconds.labels(result.mode, codec)
+    push_seconds.observe(time.perf_counter() - start)
+    return response
 
 
 def _version_to_adopt(state: dict[str, Any]) -> int:

@@ -8,6 +8,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+from ..store.errors import StoreUnavailable
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -28,8 +30,11 @@ class Batcher(Generic[Item, Result]):
         self._max_batch = max_batch
         self._queues: dict[str, list[tuple[Item, asyncio.Future]]] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._closed = False
 
     async def submit(self, sid: str, item: Item) -> Result:
+        if self._closed:  # only after the server stopped taking requests: a retry goes elsewhere
+            raise StoreUnavailable("the server is shutting down")
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         queue = self._queues.get(sid)
         if queue is None:
@@ -65,7 +70,12 @@ class Batcher(Generic[Item, Result]):
                 if not future.done():
                     future.cancel()
 
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def close(self, wait_s: float = 30.0) -> None:
+        """Take no more items; let every queue drain (its batches apply and commit, callers or
+        not), then stop. Only a drain still running after `wait_s` is cancelled."""
+        self._closed = True
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=wait_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)

@@ -58,6 +58,8 @@ class PushResult:
     #: sync mode: the round this push was applied in, and how many pushes it averaged
     round: int | None = None
     round_workers: int | None = None
+    #: the session's mode, "async" or "sync" (a metrics label)
+    mode: str = "async"
 
 
 @dataclass

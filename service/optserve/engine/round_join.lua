@@ -21,7 +21,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if not state then
   redis.call('DEL', KEYS[3])
   redis.call('HSET', KEYS[2], 'state', 'open', 'count', 0, 'need', ARGV[4], 'min', ARGV[5],
-    'deadline', now + tonumber(ARGV[6]))
+    'opened', now, 'deadline', now + tonumber(ARGV[6]))
   redis.call('PEXPIRE', KEYS[2], ARGV[7])
 end
 if redis.call('HSETNX', KEYS[3], ARGV[2], ARGV[3]) == 0 then return {'duplicate', n} end

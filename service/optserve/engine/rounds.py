@@ -40,6 +40,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ..metrics import Metrics
 from ..optim.errors import OptimError
 from ..store import round_keys as rk
 from ..store.errors import StoreUnavailable
@@ -233,8 +234,10 @@ class RoundCoordinator:
         lease_s: float = 5.0,
         apply_grace_s: float = 120.0,
         subscribe_timeout_s: float = 10.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._client = client
+        self.metrics = metrics or Metrics(process=False)
         self.lease_s = lease_s
         self.apply_grace_s = apply_grace_s
         self.subscribe_timeout_s = subscribe_timeout_s
@@ -601,6 +604,10 @@ class RoundCoordinator:
                     pipe.set(
                         rk.round_result_key(sid, number, name), to_bytes(array), px=timing.result_ms
                     )
+                # when the round opened and the time now, both on the store's clock (the round's
+                # pushers may have come through other replicas with other clocks)
+                pipe.hget(rk.round_key(sid, number), "opened")
+                pipe.time()
                 await self._settle(
                     keys=[rk.round_key(sid, number), rk.round_lease_key(sid, number)],
                     args=[token, "done", timing.result_ms, rk.rounds_channel(sid), number, *fields],
@@ -608,7 +615,11 @@ class RoundCoordinator:
                 )
                 return await pipe.execute()
 
-        reply = (await _guard(run))[-1]
+        *_, opened, now, reply = await _guard(run)
+        if opened is not None:
+            seconds, micros = now
+            elapsed = seconds + micros / 1e6 - int(opened) / 1000
+            self.metrics.round_seconds.observe(max(0.0, elapsed))
         if _text(reply[0]) != "ok":
             log.warning(
                 "round %s of %s was applied (version %s) but had been failed as %s: its lease "

@@ -12,7 +12,7 @@ import contextlib
 import secrets
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 import orjson
 from anyio import to_thread
 
+from ..metrics import Metrics
 from ..optim import GradientError, TensorState
 from ..optim.schedules import ScheduleState
 from ..optim.update import check_gradients, find_non_finite, initial_states
@@ -66,10 +67,12 @@ class SessionService:
         events: VersionEvents | None = None,
         rounds: RoundCoordinator | None = None,
         lifetime: Lifetime | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.lifetime = lifetime or Lifetime()
-        self.rounds = rounds or RoundCoordinator(store.client)
+        self.metrics = metrics or store.metrics
+        self.rounds = rounds or RoundCoordinator(store.client, metrics=self.metrics)
         self._modes: dict[str, dict[str, Any]] = {}
         self.idempotency_ttl_s = idempotency_ttl_s
         self.events = events
@@ -77,11 +80,22 @@ class SessionService:
             self._apply_batch, group=group_commit
         )
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._long_polls: set[asyncio.Event] = set()
+        self._releasing = False
 
-    async def close(self) -> None:
-        """Stop the appliers (shutdown): queued pushes that never started are cancelled."""
-        await self.rounds.close()
-        await self._batcher.close()
+    def release_long_polls(self) -> None:
+        """The graceful shutdown began: long-polls answer now (304, as at their deadline)
+        instead of holding the exit for up to a minute; pushes in flight carry on."""
+        self._releasing = True
+        for event in self._long_polls:
+            event.set()
+
+    async def close(self, wait_s: float = 30.0) -> None:
+        """Shutdown, once no request is left: rounds and pushes already queued or being applied
+        finish and commit (up to `wait_s` each), then the appliers stop."""
+        self.release_long_polls()
+        await self.rounds.close(wait_s=wait_s)
+        await self._batcher.close(wait_s=wait_s)
 
     def _lock(self, sid: str) -> asyncio.Lock:
         lock = self._locks.get(sid)
@@ -290,19 +304,23 @@ class SessionService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, wait_s)
         event = asyncio.Event()
-        with self.events.watch(sid, event):
-            while True:
-                event.clear()
-                try:
-                    if await self.store.version(sid) > after:
-                        return True
-                except SessionGone:
-                    raise not_found(sid) from None
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return False
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), remaining)
+        self._long_polls.add(event)
+        try:
+            with self.events.watch(sid, event):
+                while True:
+                    event.clear()
+                    try:
+                        if await self.store.version(sid) > after:
+                            return True
+                    except SessionGone:
+                        raise not_found(sid) from None
+                    remaining = deadline - loop.time()
+                    if remaining <= 0 or self._releasing:
+                        return False
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(event.wait(), remaining)
+        finally:
+            self._long_polls.discard(event)
 
     async def put_params(
         self, sid: str, params: Mapping[str, np.ndarray], if_match: int | None
@@ -364,7 +382,7 @@ class SessionService:
             if len(self._modes) > 100_000:
                 self._modes.pop(next(iter(self._modes)))
         if mode.get("type") == "sync":
-            return await self._push_sync(sid, request)
+            return replace(await self._push_sync(sid, request), mode="sync")
         return await self._batcher.submit(sid, request)
 
     async def _push_sync(self, sid: str, request: PushRequest) -> PushResult:
@@ -526,6 +544,9 @@ class SessionService:
                 return None
             except SessionGone:
                 raise not_found(sid) from None
+        if run.applied:  # committed: these steps are in the store now
+            self.metrics.updates_applied.labels(config.mode.get("type", "async")).inc(run.applied)
+            self.metrics.group_commit_updates.observe(run.applied)
         return plan.finish(pushes, run, params, snap.version + run.applied)
 
     async def _plan(

@@ -19,18 +19,20 @@ listing index entry, once the session is gone.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ..metrics import Metrics
 from . import keys
 from .errors import IdempotencyConflict, SessionGone, StoreUnavailable, VersionConflict
 
@@ -102,6 +104,28 @@ def _ttl_of(meta: Mapping[str, str]) -> str:
     return meta.get(keys.TTL_FIELD, "")
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _timed(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Record the call's duration in optserve_store_duration_seconds{operation=<method name>},
+    failed calls included (a timeout is latency too)."""
+    operation = method.__name__
+
+    @functools.wraps(method)
+    async def timed(*args: P.args, **kwargs: P.kwargs) -> R:
+        start = time.perf_counter()
+        try:
+            return await method(*args, **kwargs)
+        finally:
+            store: RedisStore = args[0]  # type: ignore[assignment]
+            elapsed = time.perf_counter() - start
+            store.metrics.store_seconds.labels(operation).observe(elapsed)
+
+    return timed
+
+
 def _chunks(data: Buffer, size: int) -> list[memoryview]:
     """Zero-copy slices of at most `size` bytes (one, possibly empty, for an empty array)."""
     view = memoryview(data).cast("B")
@@ -113,9 +137,15 @@ class RedisStore:
     """Sessions in one Redis or Valkey (standalone); all methods are coroutines."""
 
     def __init__(
-        self, client: aioredis.Redis, *, fsync_always: bool = False, chunk_bytes: int = CHUNK_BYTES
+        self,
+        client: aioredis.Redis,
+        *,
+        fsync_always: bool = False,
+        chunk_bytes: int = CHUNK_BYTES,
+        metrics: Metrics | None = None,
     ) -> None:
         self.client = client
+        self.metrics = metrics or Metrics(process=False)
         self.chunk_bytes = chunk_bytes
         self.fsync_always = fsync_always
         self._commit = client.register_script(_COMMIT_SCRIPT)
@@ -124,17 +154,25 @@ class RedisStore:
 
     @classmethod
     def from_url(
-        cls, url: str, *, fsync_always: bool = False, chunk_bytes: int = CHUNK_BYTES, **options
+        cls,
+        url: str,
+        *,
+        fsync_always: bool = False,
+        chunk_bytes: int = CHUNK_BYTES,
+        metrics: Metrics | None = None,
+        **options,
     ) -> RedisStore:
         client = aioredis.Redis.from_url(url, **options)
-        return cls(client, fsync_always=fsync_always, chunk_bytes=chunk_bytes)
+        return cls(client, fsync_always=fsync_always, chunk_bytes=chunk_bytes, metrics=metrics)
 
     async def close(self) -> None:
         await self.client.aclose()
 
+    @_timed
     async def ping(self) -> None:
         await _guard(self.client.ping)
 
+    @_timed
     async def create(
         self, sid: str, meta: Mapping[str, str], arrays: Mapping[str, Mapping[str, Buffer]]
     ) -> None:
@@ -167,6 +205,7 @@ class RedisStore:
 
         await _guard(run)
 
+    @_timed
     async def read_meta(self, sid: str) -> Snapshot:
         """Meta only (version, config, manifests, lease holder): one round trip, no arrays."""
 
@@ -182,16 +221,19 @@ class RedisStore:
         version, meta, manifests = _decode_meta(raw)
         return Snapshot(sid, version, meta, manifests, lease=lease.decode() if lease else None)
 
+    @_timed
     async def take_lease(self, sid: str, token: str, ttl_ms: int) -> bool:
         """Take the session's apply lease if nobody holds it (expires by itself if we die)."""
         return bool(
             await _guard(lambda: self.client.set(keys.lease_key(sid), token, nx=True, px=ttl_ms))
         )
 
+    @_timed
     async def release_lease(self, sid: str, token: str) -> None:
         """Give the lease back, only if it is still ours."""
         await _guard(lambda: self._release(keys=[keys.lease_key(sid)], args=[token]))
 
+    @_timed
     async def read(
         self,
         sid: str,
@@ -254,12 +296,14 @@ class RedisStore:
         keys_ = [keys.meta_key(snap.sid), *_array_keys(snap.sid, snap.manifests)]
         await self._touch(keys=keys_, args=[snap.version], client=pipe)
 
+    @_timed
     async def touch(self, snap: Snapshot) -> None:
         """Renew the session's TTL (a use that reads only meta); nothing if it has none."""
         if _ttl_of(snap.meta):
             keys_ = [keys.meta_key(snap.sid), *_array_keys(snap.sid, snap.manifests)]
             await _guard(lambda: self._touch(keys=keys_, args=[snap.version]))
 
+    @_timed
     async def commit(
         self,
         base: Snapshot,
@@ -369,6 +413,7 @@ class RedisStore:
             raise VersionConflict(int(result[1]))
         return int(result)
 
+    @_timed
     async def read_idempotency(self, sid: str, digests: list[str]) -> dict[str, str]:
         """The stored records of these idempotency digests (missing ones left out)."""
         if not digests:
@@ -378,17 +423,20 @@ class RedisStore:
         )
         return {d: v.decode() for d, v in zip(digests, values, strict=True) if v is not None}
 
+    @_timed
     async def put_idempotency(self, sid: str, digest: str, record: str, ttl_ms: int) -> None:
         """Store a response record outside a commit (sync rounds); the first one wins."""
         key = keys.idempotency_key(sid, digest)
         await _guard(lambda: self.client.set(key, record, nx=True, px=ttl_ms))
 
+    @_timed
     async def version(self, sid: str) -> int:
         raw = await _guard(lambda: self.client.hget(keys.meta_key(sid), keys.VERSION_FIELD))
         if raw is None:
             raise SessionGone(sid)
         return int(raw)
 
+    @_timed
     async def delete(self, sid: str) -> bool:
         """Remove the session's meta and every array; False if it did not exist."""
         try:
@@ -407,12 +455,14 @@ class RedisStore:
         await _guard(run)
         return True
 
+    @_timed
     async def forget(self, sids: Iterable[str]) -> None:
         """Drop ids of sessions that are gone (expired) from the listing index."""
         sids = list(sids)
         if sids:
             await _guard(lambda: self.client.zrem(keys.SESSION_INDEX, *sids))
 
+    @_timed
     async def list_ids(self, offset: int = 0, limit: int = 100) -> list[str]:
         """Session ids, oldest first."""
         raw = await _guard(
@@ -420,6 +470,7 @@ class RedisStore:
         )
         return [value.decode() for value in raw]
 
+    @_timed
     async def count(self) -> int:
         return int(await _guard(lambda: self.client.zcard(keys.SESSION_INDEX)))
 
