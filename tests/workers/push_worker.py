@@ -4,8 +4,9 @@ It makes its gradients (multiples of 1/8 in [-2, 2], from its own seed; each pus
 random non-empty subset of the tensors), waits at a barrier so that every worker starts pushing
 at the same moment, pushes them over real HTTP (alternating between the servers given, push k of
 worker w going to server (w + k) % len(servers)), and writes one JSON document with every push:
-the gradients it sent, the status it got and, when acknowledged, the version and the params the
-server sent back. A push is acknowledged only by a 200; nothing is retried.
+the gradients it sent, the status it got, when it was sent and answered (time.time()) and, when
+acknowledged, the version and the params the server sent back. A push is acknowledged only by a
+200; nothing is retried.
 
     python push_worker.py --servers URL [URL ...] --session SID --worker 3 --pushes 50 \
         --tensors '{"w": [4, 8], "b": [8]}' --barrier DIR --out FILE [--wire json|safetensors]
@@ -106,11 +107,13 @@ def main() -> None:
                 "server": server,
                 "grads": {name: g.reshape(-1).tolist() for name, g in grads.items()},
             }
+            record["sent"] = time.time()
             try:
                 response = clients[server].post(path, content=body, headers=headers)
             except httpx.HTTPError as error:  # not acknowledged: it may or may not have applied
                 record.update(status=None, error=repr(error))
             else:
+                record["answered"] = time.time()
                 record["status"] = response.status_code
                 if response.status_code == 200:
                     record["version"], record["params"] = decode(response)

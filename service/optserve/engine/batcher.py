@@ -57,6 +57,10 @@ class Batcher(Generic[Item, Result]):
                     results = await self._apply(sid, [item for item, _ in batch])
                 except Exception as error:
                     results = [error] * len(batch)
+                except asyncio.CancelledError:  # close() gave up on it: its callers hear so
+                    for _, future in batch:
+                        future.cancel()
+                    raise
                 for (_, future), result in zip(batch, results, strict=True):
                     if future.done():  # the caller went away; its push may still have applied
                         continue
