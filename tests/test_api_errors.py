@@ -294,5 +294,7 @@ def test_cors_for_configured_origins_only(server_factory, valkey_server):
         pulled = client.get(f"/v1/sessions/{sid}/params", headers={"origin": "https://app.example"})
         exposed = pulled.headers["access-control-expose-headers"].lower()
         assert "etag" in exposed and "idempotency-replayed" in exposed
+        assert "x-request-id" in exposed and pulled.headers["x-request-id"]
+        assert preflight.headers["x-request-id"]  # the preflight, answered by CORS, has one too
         other = client.get("/healthz", headers={"origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
