@@ -6,14 +6,14 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: venv test lint tools run bench bench-optim bench-concurrency bench-push openapi clean
+.PHONY: venv test lint tools run demo bench bench-optim bench-concurrency bench-push openapi clean
 
 venv: $(STAMP)
 
 $(STAMP): service/pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e "service[test]" -e "clients/python"
+	$(BIN)/pip install --quiet -e "service[test]" -e "clients/python[demo]"
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -21,6 +21,12 @@ lint: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/optserve serve --host $(HOST) --port $(PORT)
+
+# The seed's SGDM/Adam/RMSProp/AdaGrad experiment through the service, 4 worker processes each;
+# starts its own server, writes examples/results/. make demo DEMO_ARGS="--sparse --mode sync"
+DEMO_ARGS ?=
+demo: $(STAMP)
+	$(BIN)/python examples/compare_optimizers.py $(DEMO_ARGS)
 
 # The JS and Go clients' tests run inside pytest against a real server; they need node and go.
 tools:

@@ -160,6 +160,29 @@ def test_create_info_list_update_delete(client: Client) -> None:
         assert caught.value.status == 404 and caught.value.code == "session_not_found"
 
 
+def test_create_a_sync_session(client: Client) -> None:
+    """`mode=` makes a sync session: two pushes form one round whose mean is one step."""
+    mode = {"type": "sync", "workers": 2, "timeout_s": 20}
+    session = client.create_session("sgd", {"w": np.zeros(2, np.float32)}, mode=mode, lr=1.0)
+    assert session.info()["mode"]["type"] == "sync"
+    grads = [np.ones(2, np.float32), np.full(2, 3.0, np.float32)]
+    handles = [session, client.session(session.id)]
+    answers: list[dict[str, np.ndarray]] = [{}, {}]
+
+    def push(i: int) -> None:
+        answers[i] = handles[i].push({"w": grads[i]}, worker=f"w{i}")
+
+    threads = [threading.Thread(target=push, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert [h.version for h in handles] == [1, 1]  # one round, one step
+    for answer in answers:
+        np.testing.assert_array_equal(answer["w"], [-2.0, -2.0])  # minus the mean of 1 and 3
+    session.delete()
+
+
 def test_pushes_match_the_servers_json_answers(client: Client, api_url: str, rng) -> None:
     """The same pushes through the client and through raw JSON give bit-identical params."""
     params = {

@@ -358,6 +358,7 @@ class BaseClient:
         staleness: str | None,
         hyperparameters: Mapping[str, Any],
         ttl_s: float | None = None,
+        mode: Mapping[str, Any] | None = None,
     ) -> Call[dict[str, Any]]:
         if isinstance(optimizer, str):
             spec: dict[str, Any] = {"name": optimizer, **hyperparameters}
@@ -369,6 +370,7 @@ class BaseClient:
         optional = {
             "lr_schedule": lr_schedule, "clip_grad_norm": clip_grad_norm, "name": name,
             "max_staleness": max_staleness, "staleness": staleness, "ttl_s": ttl_s,
+            "mode": mode,
         }  # fmt: skip
         fields.update({key: value for key, value in optional.items() if value is not None})
         content, content_type = encode_message(self.codec, "params", params or {}, fields)

@@ -98,6 +98,7 @@ class AsyncClient(BaseClient):
         max_staleness: int | None = None,
         staleness: str | None = None,
         ttl_s: float | None = None,
+        mode: Mapping[str, Any] | None = None,
         **hyperparameters: Any,
     ) -> AsyncSession:
         """Create a session and return a handle on it (see Client.create_session)."""
@@ -105,7 +106,7 @@ class AsyncClient(BaseClient):
             optimizer, params, tensors=tensors, lr_schedule=lr_schedule,
             clip_grad_norm=clip_grad_norm, nonfinite=nonfinite, name=name,
             max_staleness=max_staleness, staleness=staleness, hyperparameters=hyperparameters,
-            ttl_s=ttl_s,
+            ttl_s=ttl_s, mode=mode,
         )  # fmt: skip
         info = await self._run(call)
         return AsyncSession(self, info["id"], int(info["version"]))

@@ -100,6 +100,7 @@ class Client(BaseClient):
         max_staleness: int | None = None,
         staleness: str | None = None,
         ttl_s: float | None = None,
+        mode: Mapping[str, Any] | None = None,
         **hyperparameters: Any,
     ) -> Session:
         """Create a session and return a handle on it.
@@ -110,12 +111,14 @@ class Client(BaseClient):
         `max_staleness=K` refuses pushes whose base_version is more than K behind (409
         `stale_gradient`), or with `staleness="scale"` applies them with lr / (1 + staleness).
         `ttl_s` deletes the session once it goes that many seconds unused (any use renews it).
+        `mode={"type": "sync", "workers": 4}` gathers pushes into rounds of 4 whose mean gradient
+        is applied once (each push then waits for its round); the default is async.
         """
         call = self._create_call(
             optimizer, params, tensors=tensors, lr_schedule=lr_schedule,
             clip_grad_norm=clip_grad_norm, nonfinite=nonfinite, name=name,
             max_staleness=max_staleness, staleness=staleness, hyperparameters=hyperparameters,
-            ttl_s=ttl_s,
+            ttl_s=ttl_s, mode=mode,
         )  # fmt: skip
         info = self._run(call)
         return Session(self, info["id"], int(info["version"]))
