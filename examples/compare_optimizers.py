@@ -438,9 +438,9 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     acc_ax.set_ylim(max(0.0, min(settled) - 0.02), min(1.0, max(settled) + 0.01))
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
-        ax.legend()
+    fig.legend(*loss_ax.get_legend_handles_labels(), loc="lower center", ncol=len(OPTIMIZERS))
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
