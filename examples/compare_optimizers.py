@@ -97,7 +97,7 @@ def load_digits(seed: int, tiny: bool) -> Dataset:
 def make_bag_of_words(
     seed: int, tiny: bool, vocab: int = 2000, classes: int = 4, signal_words: int = 50
 ) -> Dataset:
-    """Synthetic documents as binary word-presence vectors (about 1.5% non-zero).
+    """Synthetic documents as binary word-presence vectors (about 1.2% non-zero).
 
     About 30 words per document are drawn from a Zipf law and say nothing about the class,
     except `signal_words` rare words per class (from the least frequent half of the vocabulary):
