@@ -22,7 +22,7 @@ lint: $(STAMP)
 run: $(STAMP)
 	$(BIN)/optserve serve --host $(HOST) --port $(PORT)
 
-# The seed's SGDM/Adam/RMSProp/AdaGrad experiment through the service, 4 worker processes each;
+# SGDM vs Adam vs RMSProp vs AdaGrad trained through the service, 4 worker processes each;
 # starts its own server, writes examples/results/. make demo DEMO_ARGS="--sparse --mode sync"
 DEMO_ARGS ?=
 demo: $(STAMP)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The seed's experiment run through optserve: SGD with momentum, Adam, RMSProp and AdaGrad.
+"""SGD with momentum, Adam, RMSProp and AdaGrad on one classifier, trained through optserve.
 
 Each optimizer trains the same small classifier (same initial weights, same data order) as one
 optserve session. N worker processes, each holding only its own shard of the training set,
@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,10 +42,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-from optserve_client import Client
+from optserve_client import Client, OptservError
 
 # torch.optim's defaults where it has them (Adam 1e-3, RMSprop 1e-2, Adagrad 1e-2); SGD has no
-# usable default, so the common 0.01 with momentum 0.9. Keys are the server's optimizer specs.
+# usable default, so the common 0.01 with momentum 0.9. Values are the server's optimizer specs.
 OPTIMIZERS: dict[str, dict[str, Any]] = {
     "SGDM": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
     "Adam": {"name": "adam", "lr": 1e-3},
@@ -293,9 +293,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_server() -> Iterator[str]:
+def local_server() -> Iterator[tuple[str, Callable[[], None]]]:
     """`optserve serve` as a child process on a free port, with an embedded Valkey whose data
-    lives in a temporary directory; yields its URL and stops it (and the Valkey) at the end."""
+    lives in a temporary directory; stops it (and the Valkey) at the end.
+
+    Yields the URL at once, so the workers can start while the server does, and a function
+    that waits until the server is ready.
+    """
     try:
         import optserve  # noqa: F401 - only to say clearly what is missing
     except ImportError:
@@ -308,31 +312,26 @@ def local_server() -> Iterator[str]:
         env.setdefault("OPTSERVE_LOG_LEVEL", "warning")
         log_path = Path(tmp) / "optserve.log"
         with open(log_path, "wb") as log:
+            command = [sys.executable, "-m", "optserve", "serve"]
             server = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "optserve",
-                    "serve",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                ],
+                [*command, "--host", "127.0.0.1", "--port", str(port)],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        try:
+
+        def wait_ready() -> None:
             deadline = time.monotonic() + 60
             while True:
                 if server.poll() is not None or time.monotonic() > deadline:
                     sys.exit(f"optserve did not start:\n{log_path.read_text()[-3000:]}")
                 with contextlib.suppress(httpx.TransportError):
                     if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                        break
+                        return
                 time.sleep(0.1)
-            yield url
+
+        try:
+            yield url, wait_ready
         finally:
             server.terminate()
             try:
@@ -417,7 +416,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
-    """Two panels like the seed's figures: training loss (log scale) and validation accuracy."""
+    """Two panels like the origin article's figures: training loss (log) and validation accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -502,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     model = (
         f"MLP {data.x_train.shape[1]}-{args.hidden}-{data.classes}"
         if args.hidden
-        else (f"softmax regression {data.x_train.shape[1]}-{data.classes}")
+        else f"softmax regression {data.x_train.shape[1]}-{data.classes}"
     )
     title = (
         f"{data.name}: {model}, {len(data.y_train)} train / {len(data.y_val)} validation, "
@@ -513,10 +512,12 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.out / f"{data.name}_{args.mode}"
 
     with contextlib.ExitStack() as stack:
-        url = args.url or stack.enter_context(local_server())
-        client = stack.enter_context(Client(url, args.api_key, timeout=ROUND_TIMEOUT_S + 30))
-        pool = WorkerPool(url, args.api_key, data, args)
+        url, wait_ready = (args.url, None) if args.url else stack.enter_context(local_server())
+        pool = WorkerPool(url, args.api_key, data, args)  # the workers connect at their 1st task
         stack.callback(pool.close)
+        if wait_ready is not None:
+            wait_ready()
+        client = stack.enter_context(Client(url, args.api_key, timeout=ROUND_TIMEOUT_S + 30))
         rows = [
             row
             for label in OPTIMIZERS
@@ -539,4 +540,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except OptservError as exc:  # the server's answer (or the lack of one) says it all
+        sys.exit(f"optserve: {exc}")
