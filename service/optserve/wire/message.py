@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -10,6 +11,10 @@ import numpy as np
 from .errors import invalid_body
 
 MAX_NDIM: Final = 64  # numpy's own limit; a longer shape cannot become an array
+#: numpy refuses a shape whose non-zero dimensions span more bytes than its index type holds,
+#: even when a zero dimension makes the array empty; 8 bytes is the widest element decoded.
+#: (A shape without a zero that large never gets that far: its byte or number count is wrong.)
+_MAX_SPAN: Final = np.iinfo(np.intp).max // 8
 
 # Tensor dtypes on the wire, by their safetensors names. Decoded tensors are always float32;
 # F16 and BF16 are wire formats only (see safetensors_codec.py).
@@ -63,4 +68,6 @@ def check_shape(where: str, shape: object) -> list[int]:
         # type() rather than isinstance(): JSON true is a bool, and bool is an int subclass.
         if type(dim) is not int or dim < 0:
             raise invalid_body(f"{where}: shape must be non-negative integers, got {shape!r}")
+    if 0 in shape and math.prod(dim for dim in shape if dim) > _MAX_SPAN:
+        raise invalid_body(f"{where}: empty shape {shape!r} is still too large for an array")
     return shape
