@@ -87,7 +87,7 @@ def _layout(name: str, info: object, upcast: bool) -> tuple[int, int, list[int],
     if not isinstance(info, dict):
         raise invalid_body(f"{where}: header entry must be an object")
     dtype = info.get("dtype")
-    if dtype not in (HALF_OR_FLOAT32 if upcast else FLOAT32_ONLY):
+    if not isinstance(dtype, str) or dtype not in (HALF_OR_FLOAT32 if upcast else FLOAT32_ONLY):
         accepted = "F32, F16 or BF16 (upcast to float32)" if upcast else "only F32 (float32)"
         raise invalid_body(f"{where} has dtype {dtype!r}; this body takes {accepted}")
     shape = check_shape(where, info.get("shape"))
