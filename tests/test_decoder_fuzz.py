@@ -14,16 +14,20 @@ import json
 import math
 import struct
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
+import httpx
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from optserve.wire import JSON, SAFETENSORS, Message, WireError, decode_message
 from optserve.wire.safetensors_codec import MAX_HEADER_BYTES
+
+from .api_helpers import create
 
 ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
 #: Dimensions a liar picks: at and past every integer width numpy and JSON readers care about.
@@ -251,3 +255,42 @@ def test_any_bytes_are_4xx_in_bounded_memory(body: bytes, codec: str) -> None:
     message = decode_bounded(lambda: decode_message(body, codec, "grads", upcast=True), body, 32)
     if message is not None:  # e.g. b"{}" as safetensors: a file with no tensors
         assert all(a.dtype == np.float32 for a in message.tensors.values())
+
+
+# -- the same lies over HTTP ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def http(api_server) -> Iterator[tuple[httpx.Client, str]]:
+    """One live session for every example; its tensor `w` is named in no fuzzed body (they name
+    theirs t0-t2), so even a body that decodes cleanly cannot step it."""
+    with httpx.Client(base_url=api_server.url, timeout=30) as client:
+        yield (
+            client,
+            create(client, {"name": "sgd", "lr": 0.5}, {"w": np.zeros(4, np.float32)})["id"],
+        )
+
+
+BODIES = (
+    lying_safetensors().map(lambda body: (body, SAFETENSORS))
+    | lying_json().map(lambda body: (body, JSON))
+    | st.binary(max_size=64).map(lambda body: (body, JSON))
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=BODIES, swap=st.booleans())
+def test_lies_pushed_to_a_live_server_are_4xx_problems_and_change_nothing(
+    http: tuple[httpx.Client, str], case: tuple[bytes, str], swap: bool
+) -> None:
+    """Through uvicorn, read_body and the route too, sent as its own media type or the other."""
+    client, sid = http
+    body, media_type = case
+    if swap:
+        media_type = JSON if media_type == SAFETENSORS else SAFETENSORS
+    response = client.post(
+        f"/v1/sessions/{sid}/gradients", content=body, headers={"content-type": media_type}
+    )
+    assert 400 <= response.status_code < 500, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert client.get(f"/v1/sessions/{sid}").json()["version"] == 0
