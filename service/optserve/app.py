@@ -39,7 +39,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             url = await to_thread.run_sync(embedded.start)
             log.info("embedded valkey at %s, data in %s", url, settings.data_dir.resolve())
         store = RedisStore.from_url(
-            url, fsync_always=settings.fsync == "always", health_check_interval=30, metrics=metrics
+            url,
+            fsync_always=settings.fsync == "always",
+            timeout_s=settings.store_timeout_s,
+            health_check_interval=30,
+            metrics=metrics,
         )
         events = VersionEvents(store.client)
         events.start()

@@ -29,6 +29,11 @@ class Settings(BaseSettings):
         default="everysec",
         description="always: each acknowledgement waits for the store's AOF fsync (WAITAOF).",
     )
+    store_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A store command unanswered this long fails with 503 store_unavailable.",
+    )
     max_body_bytes: int = Field(
         default=256 * 2**20, gt=0, description="Largest request body; larger gets 413."
     )

@@ -19,6 +19,10 @@ from ..store import keys
 
 log = logging.getLogger("optserve.events")
 
+#: Longest pause between reconnect attempts while the store is down: a store that comes back
+#: has its long-poll wake-ups again within about this long (each attempt is one cheap connect).
+RECONNECT_MAX_S = 1.0
+
 
 def _sid_of(channel: bytes | str) -> str | None:
     text = channel.decode() if isinstance(channel, bytes) else channel
@@ -81,7 +85,7 @@ class VersionEvents:
             except Exception as error:
                 log.debug("version events: %s; reconnecting in %.1fs", error, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, RECONNECT_MAX_S)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()

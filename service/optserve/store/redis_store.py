@@ -28,6 +28,8 @@ from importlib import resources
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -41,6 +43,11 @@ STAGED_TTL_MS = 120_000
 #: Largest Redis value an array is split into (Redis refuses values over 512 MiB, and big values
 #: stall its single thread); 16 MiB = 4M float32 per chunk.
 CHUNK_BYTES = 16 * 2**20
+
+#: A store that does not accept a connection within this long is down (503 at once).
+CONNECT_TIMEOUT_S = 2.0
+#: A command that has not answered within this long fails as a 503 (OPTSERVE_STORE_TIMEOUT_S).
+COMMAND_TIMEOUT_S = 10.0
 
 #: What a write may pass: bytes, or a zero-copy view of an array's memory.
 Buffer = bytes | bytearray | memoryview
@@ -160,8 +167,22 @@ class RedisStore:
         fsync_always: bool = False,
         chunk_bytes: int = CHUNK_BYTES,
         metrics: Metrics | None = None,
+        timeout_s: float = COMMAND_TIMEOUT_S,
         **options,
     ) -> RedisStore:
+        """A store on `url`, its failure modes pinned rather than left to redis-py's defaults
+        (which differ by version and constructor: `Redis()` in 8.x retries ten times with
+        backoff, seconds in all, before it reports a dead server).
+
+        No command is ever re-sent by redis-py: a commit whose reply was lost may have applied,
+        and sending it again would look like a conflict to the engine, which would re-apply the
+        batch. A failure is a StoreUnavailable at once (the API's 503 with Retry-After), and the
+        HTTP client retries the push with its Idempotency-Key instead. A dead store refuses the
+        connection at once; a hung one fails after `timeout_s`.
+        """
+        options.setdefault("retry", Retry(NoBackoff(), 0))
+        options.setdefault("socket_connect_timeout", min(CONNECT_TIMEOUT_S, timeout_s))
+        options.setdefault("socket_timeout", timeout_s)
         client = aioredis.Redis.from_url(url, **options)
         return cls(client, fsync_always=fsync_always, chunk_bytes=chunk_bytes, metrics=metrics)
 

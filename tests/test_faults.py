@@ -1,0 +1,482 @@
+"""Faults, each answered without data loss, with real processes: a Valkey (AOF on) that is
+SIGKILLed and restarted on the same port and files, an `optserve serve` that is SIGKILLed and
+restarted, and slow clients on raw sockets.
+
+Durability: with the default `appendfsync everysec` a SIGKILLed store may lose up to about a
+second of acknowledged writes (the documented trade-off). The tests that kill the store while
+pushes are acknowledged therefore run with OPTSERVE_FSYNC=always (each commit waits for
+`WAITAOF`), the setting under which "every acknowledged push survives" is promised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from optserve.optim import get_algorithm
+from optserve.optim.update import apply_update, initial_states
+from optserve.store import keys
+from optserve.store.embedded import EmbeddedValkey
+
+from .api_helpers import ST, assert_problem, create, from_json, push, st_body, st_parse, tensor
+from .conftest import ServerProcess, free_port
+
+WORKER_SCRIPT = Path(__file__).parent / "workers" / "retry_worker.py"
+LR = 0.5
+#: Multiples of 1/8 with lr 1/2: every SGD sum below is exact in float32, in any order.
+SHAPES = {"w": [4, 8], "b": [8]}
+P0 = {
+    "w": (np.arange(32, dtype=np.float32).reshape(4, 8) - 16) / 8,
+    "b": (np.arange(8, dtype=np.float32) - 3) / 4,
+}
+
+
+class KillableStore:
+    """A Valkey with AOF on a fixed port and data dir: it can be SIGKILLed and started again at
+    the same address on the same files, as a supervisor would restart it."""
+
+    def __init__(self, data_dir: Path, appendfsync: str) -> None:
+        self.valkey = EmbeddedValkey(data_dir, port=free_port(), appendfsync=appendfsync)
+        self.url = f"redis://127.0.0.1:{self.valkey.requested_port}"
+
+    def start(self) -> None:
+        self.valkey.start()  # loads the AOF the killed server left
+
+    def kill(self) -> None:
+        os.kill(self.valkey.pid, signal.SIGKILL)
+        self.valkey.stop()  # reaps it and frees the data dir's lock; nothing is flushed
+
+    def client(self) -> redis.Redis:
+        """A direct client that fails at once (no redis-py retries) while the store is down."""
+        return redis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0), socket_timeout=5)
+
+    def version(self, sid: str) -> int:
+        with self.client() as client:
+            return int(client.hget(keys.meta_key(sid), keys.VERSION_FIELD))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[KillableStore]:
+    killable = KillableStore(tmp_path / "store", appendfsync="always")
+    killable.start()
+    try:
+        yield killable
+    finally:
+        killable.valkey.stop()
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.005)
+
+
+def restart(server: ServerProcess) -> None:
+    """Start a killed `optserve serve` again on its port (ServerProcess keeps it)."""
+    server.start()
+
+
+# -- the store stops and comes back ------------------------------------------------------------
+
+
+def test_store_killed_is_503_then_recovers_by_itself(store: KillableStore, server_factory):
+    """A SIGKILLed store: 503 store_unavailable with Retry-After at once (not after retries or
+    the 30 s command timeout), /readyz 503, nothing half-applied. Restarted on its port with its
+    AOF, the same optserve process serves again, long-poll wake-ups included, with no restart."""
+    server = server_factory(
+        OPTSERVE_REDIS_URL=store.url, OPTSERVE_FSYNC="always", OPTSERVE_STORE_TIMEOUT_S="30"
+    )
+    w0 = np.array([1.0, 2.0, -3.0, 0.5], np.float32)
+    g = np.array([0.5, -1.0, 2.0, 0.25], np.float32)
+    body = {"grads": {"w": tensor(g)}}
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        sid = create(client, {"name": "sgd", "lr": LR}, {"w": w0})["id"]
+        assert push(client, sid, {"w": g})["version"] == 1
+
+        # A long poll waits through the outage (sent again if it meets the outage instead).
+        outage_poll = LongPoll(server.url, sid, after_version=1)
+        time.sleep(0.3)  # time to reach its wait
+        store.kill()
+
+        started = time.monotonic()
+        headers = {"Idempotency-Key": "the-push-during-the-outage"}
+        response = client.post(f"/v1/sessions/{sid}/gradients", json=body, headers=headers)
+        answered_in = time.monotonic() - started
+        assert_problem(response, 503, "store_unavailable")
+        assert int(response.headers["retry-after"]) >= 1
+        # A refused connection is answered in milliseconds; redis-py's own retries with
+        # backoff (its defaults in some versions) took 2-4 s here, a command timeout 30 s.
+        assert answered_in < 1, f"503 only after {answered_in:.1f}s"
+        assert_problem(client.get("/readyz"), 503, "store_unavailable")
+        assert_problem(client.get(f"/v1/sessions/{sid}/params"), 503, "store_unavailable")
+        assert client.get("/healthz").status_code == 200  # the process itself is fine
+
+        store.start()
+        assert client.get("/readyz").json() == {"status": "ready"}
+        params = client.get(f"/v1/sessions/{sid}/params").json()
+        assert params["version"] == 1  # the refused push left nothing behind
+        np.testing.assert_array_equal(from_json(params["params"]["w"]), w0 - LR * g)
+
+        pushed_at = time.monotonic()
+        response = client.post(f"/v1/sessions/{sid}/gradients", json=body, headers=headers)
+        assert response.status_code == 200, response.text
+        assert response.json()["version"] == 2 and "idempotency-replayed" not in response.headers
+        assert outage_poll.result(woken_after=pushed_at) == 2
+
+        # The version events subscription is back by itself: a poll begun now is woken by the
+        # next commit's event.
+        with store.client() as direct:
+            wait_until(lambda: direct.execute_command("PUBSUB", "NUMPAT") >= 1, "resubscribed")
+        later_poll = LongPoll(server.url, sid, after_version=2)
+        time.sleep(0.3)  # time to reach its wait
+        pushed_at = time.monotonic()
+        assert push(client, sid, {"w": g})["version"] == 3
+        assert later_poll.result(woken_after=pushed_at) == 3
+        final = client.get(f"/v1/sessions/{sid}/params").json()
+    np.testing.assert_array_equal(from_json(final["params"]["w"]), w0 - 3 * LR * g)
+
+
+class LongPoll:
+    """GET params?after_version=N&wait_s=30 in a thread, sent again after a 503 or a dropped
+    connection, as a client would."""
+
+    def __init__(self, url: str, sid: str, after_version: int) -> None:
+        self.url = f"{url}/v1/sessions/{sid}/params?after_version={after_version}&wait_s=30"
+        self.outcome: dict[str, Any] = {}
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                try:
+                    response = httpx.get(self.url, timeout=60)
+                except httpx.TransportError:
+                    response = None
+                if response is not None and response.status_code != 503:
+                    break
+                time.sleep(0.05)
+            self.outcome["answered_at"] = time.monotonic()
+            self.outcome["status"] = response.status_code
+            self.outcome["version"] = response.json()["version"]
+        except BaseException as error:  # reported by result()
+            self.outcome["error"] = error
+
+    def result(self, woken_after: float) -> int:
+        """The version it was answered with, checking that a commit at `woken_after` woke it:
+        a poll whose event never came is answered only at its 30 s deadline."""
+        self.thread.join(timeout=60)
+        assert "error" not in self.outcome, self.outcome["error"]
+        assert self.outcome["status"] == 200, self.outcome
+        waited = self.outcome["answered_at"] - woken_after
+        assert waited < 10, f"answered {waited:.1f}s after the commit: not woken by its event"
+        return self.outcome["version"]
+
+
+# -- 8 workers through a store kill and an API kill ---------------------------------------------
+
+WORKERS, PUSHES = 8, 40
+
+
+def start_workers(url: str, sid: str, tmp_path: Path) -> list[tuple[subprocess.Popen, Path, Path]]:
+    """WORKERS retry_worker.py processes, released together once all are connected."""
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = []
+    for worker in range(WORKERS):
+        out, log = tmp_path / f"worker-{worker}.json", tmp_path / f"worker-{worker}.log"
+        command = [
+            sys.executable, str(WORKER_SCRIPT), "--server", url, f"--session={sid}",
+            "--worker", str(worker), "--pushes", str(PUSHES), "--tensors", json.dumps(SHAPES),
+            "--barrier", str(barrier), "--out", str(out),
+            "--codec", "json" if worker % 2 == 0 else "safetensors",
+        ]  # fmt: skip
+        with open(log, "wb") as log_file:
+            procs.append(
+                (subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT), out, log)
+            )
+    try:
+        wait_until(lambda: len(list(barrier.glob("ready-*"))) == WORKERS, "the workers are ready")
+    except AssertionError:
+        stop_workers(procs)
+        raise
+    (barrier / "go").touch()
+    return procs
+
+
+def stop_workers(procs: list[tuple[subprocess.Popen, Path, Path]]) -> None:
+    for proc, _, _ in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def finish_workers(procs: list[tuple[subprocess.Popen, Path, Path]]) -> list[dict]:
+    try:
+        for proc, _, _ in procs:
+            proc.wait(timeout=120)
+    finally:
+        stop_workers(procs)
+    records = []
+    for worker, (proc, out, log) in enumerate(procs):
+        assert proc.returncode == 0, f"worker {worker} failed:\n{log.read_text()[-3000:]}"
+        pushes = json.loads(out.read_text())["pushes"]
+        failed = [p for p in pushes if "error" in p]
+        assert not failed, f"worker {worker} gave up on {len(failed)} pushes: {failed[0]['error']}"
+        assert len(pushes) == PUSHES
+        records += pushes
+    return records
+
+
+def test_workers_finish_exactly_through_store_and_api_kills(
+    store: KillableStore, server_factory, tmp_path: Path
+):
+    """8 worker processes push through the Python client's retries while the store is SIGKILLed
+    and restarted (AOF, fsync=always), then the API, then both at once. Every push is
+    acknowledged once, with its own version: versions 1..N, each exactly once (a push applied
+    twice would take two, a lost acknowledged one would see its version reused), and the params
+    are exactly p0 - lr * (sum of every gradient), after each push as after the last."""
+    server = server_factory(OPTSERVE_REDIS_URL=store.url, OPTSERVE_FSYNC="always")
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        sid = create(client, {"name": "sgd", "lr": LR}, P0)["id"]
+    total = WORKERS * PUSHES
+    procs = start_workers(server.url, sid, tmp_path)
+    killed_at = []
+    try:
+        wait_until(lambda: store.version(sid) >= total // 4, "a quarter is pushed")
+        killed_at.append(store.version(sid))
+        store.kill()
+        time.sleep(0.5)  # pushes meet 503s meanwhile
+        store.start()
+
+        wait_until(lambda: store.version(sid) >= total // 2, "half is pushed")
+        killed_at.append(store.version(sid))
+        server.kill()
+        time.sleep(0.2)  # connections refused meanwhile
+        restart(server)
+
+        wait_until(lambda: store.version(sid) >= 3 * total // 4, "three quarters are pushed")
+        killed_at.append(store.version(sid))
+        server.kill()
+        store.kill()
+        store.start()
+        restart(server)
+    except BaseException:
+        stop_workers(procs)
+        raise
+    records = finish_workers(procs)
+    assert all(version < total for version in killed_at), killed_at  # faults hit mid-run
+    outcomes = [outcome for record in records for outcome in record["attempts"]]
+    assert 503 in outcomes, "no push met the store outage"
+    assert any(isinstance(o, str) for o in outcomes), "no push met a dropped connection"
+
+    versions = sorted(record["version"] for record in records)
+    assert versions == list(range(1, total + 1)), "a push applied twice, or an ack lost"
+    assert store.version(sid) == total
+    expected = {name: P0[name].astype(np.float64) for name in SHAPES}
+    for record in sorted(records, key=lambda r: r["version"]):
+        for name, data in record["grads"].items():
+            expected[name] -= LR * np.asarray(data, np.float64).reshape(SHAPES[name])
+        for name, data in record.get("params", {}).items():  # replays carry later params
+            got = np.asarray(data, np.float32).reshape(SHAPES[name])
+            np.testing.assert_array_equal(got, expected[name], err_msg=f"v{record['version']}")
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        final = client.get(f"/v1/sessions/{sid}/params").json()
+    assert final["version"] == total
+    for name in SHAPES:
+        np.testing.assert_array_equal(from_json(final["params"][name]), expected[name])
+
+
+# -- one big push, the API SIGKILLed at three moments of it -------------------------------------
+
+#: Enough float32 for two 16 MiB chunks per stored array: a torn commit would mix chunks.
+BIG = 2**22 + 1000
+BIG_OPTIMIZER = {"name": "sgd", "lr": LR, "momentum": 0.5}
+
+
+def big_expected(steps: int, p0: np.ndarray, g: np.ndarray) -> dict[str, np.ndarray]:
+    """param and momentum_buffer after `steps` pushes of g, by the optimizer core."""
+    algorithm = get_algorithm("sgd")
+    hp = algorithm.configure({k: v for k, v in BIG_OPTIMIZER.items() if k != "name"})
+    params = {"w": p0.copy()}
+    states = initial_states(algorithm, hp, params)
+    for _ in range(steps):
+        apply_update(algorithm, hp, params, {"w": g}, states, hp["lr"])
+    expected = {"w/param": params["w"]}
+    if steps:  # torch makes the buffer on the first step
+        expected["w/momentum_buffer"] = states["w"]["momentum_buffer"]
+    return expected
+
+
+def kill_when_body_is_half_sent(store, sid, server, body, path, headers) -> None:
+    """Headers and half the body on a raw socket, then the kill: the push never got whole."""
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(request_head(path, len(body), headers))
+        sock.sendall(body[: len(body) // 2])
+        server.kill()
+
+
+def kill_when_commit_is_staged(store, sid, server, body, path, headers) -> None:
+    """Kill the moment the commit's first array chunk is staged in the store."""
+    pattern = f"{keys.session_tag(sid)}:stage:*"
+    with store.client() as direct:
+        sender = send_in_thread(server.url + path, body, headers)
+        wait_until(lambda: bool(direct.keys(pattern)), "the commit is staged", timeout=30)
+        server.kill()
+    sender.join()
+
+
+def kill_when_version_moved(store, sid, server, body, path, headers) -> None:
+    """Kill the moment the commit is in, while the answer may still be on its way."""
+    before = store.version(sid)
+    sender = send_in_thread(server.url + path, body, headers)
+    wait_until(lambda: store.version(sid) > before, "the commit landed", timeout=30)
+    server.kill()
+    sender.join()
+
+
+def test_api_sigkill_during_one_big_push_leaves_it_before_or_after(
+    store: KillableStore, server_factory
+):
+    """A push of a 2-chunk tensor, its server SIGKILLed while the body arrives, while the commit
+    is being staged, and just after it landed: each time the session is at version N or N+1
+    with param and momentum exactly those of that version (never a mix of chunks), and the
+    push's retry with its Idempotency-Key makes it N+1 exactly once."""
+    server = server_factory(OPTSERVE_REDIS_URL=store.url)
+    p0 = ((np.arange(BIG) % 64 - 32) / 8).astype(np.float32)
+    g = ((np.arange(BIG) % 7 + 1) / 4).astype(np.float32)  # every element moves every step
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        response = client.post(
+            "/v1/sessions",
+            content=st_body({"w": p0}, optimizer=BIG_OPTIMIZER),
+            headers={"content-type": ST},
+        )
+        assert response.status_code == 201, response.text
+        sid = response.json()["id"]
+    body = st_body({"w": g})
+    path = f"/v1/sessions/{sid}/gradients?return=none"
+    kills = [kill_when_body_is_half_sent, kill_when_commit_is_staged, kill_when_version_moved]
+    outcomes = []
+    for n, kill in enumerate(kills):
+        headers = {"content-type": ST, "idempotency-key": f"big-push-{n}"}
+        kill(store, sid, server, body, path, headers)
+        restart(server)
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            response = client.get(f"/v1/sessions/{sid}/state", headers={"accept": ST})
+            arrays, fields = st_parse(response.content)
+            version = fields["version"]
+            assert version in (n, n + 1), (kill.__name__, version)
+            outcomes.append(version - n)
+            expected = big_expected(version, p0, g)
+            assert sorted(arrays) == sorted(expected), kill.__name__
+            for name, array in expected.items():
+                np.testing.assert_array_equal(arrays[name], array, err_msg=kill.__name__)
+
+            response = client.post(path, content=body, headers=headers)  # the retry
+            assert response.status_code == 200, response.text
+            assert response.json()["version"] == n + 1
+            replayed = response.headers.get("idempotency-replayed") == "true"
+            assert replayed == (version == n + 1), kill.__name__
+    assert outcomes[0] == 0 and outcomes[2] == 1  # the first never arrived, the last landed
+
+
+def request_head(path: str, length: int, headers: dict[str, str]) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "host: 127.0.0.1", f"content-length: {length}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def send_in_thread(url: str, body: bytes, headers: dict[str, str]) -> threading.Thread:
+    """The push's first attempt; its answer, if it gets one, is not needed."""
+
+    def send() -> None:
+        with contextlib.suppress(httpx.TransportError):  # the server is killed under it
+            httpx.post(url, content=body, headers=headers, timeout=120)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread
+
+
+# -- slow clients ----------------------------------------------------------------------------------
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length, read off a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed before the response headers"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines)}
+    length = int(headers["content-length"])
+    while len(rest) < length:
+        chunk = sock.recv(1 << 20)
+        assert chunk, "connection closed mid-body"
+        rest += chunk
+    return int(status_line.split()[1]), headers, rest
+
+
+def test_slow_clients_do_not_hold_the_sessions_applier(api_url: str):
+    """A client that sends its headers and then trickles its body, and one that never reads its
+    (16 MB) answer, hold only their own requests: the body is read whole before a push joins
+    the applier's queue, and the answer is written after the applier let go. Other workers'
+    pushes to the same session are applied meanwhile, each with the next version."""
+    host, port = urlsplit(api_url).hostname, urlsplit(api_url).port
+    w0 = np.array([1.0, 2.0, -3.0, 0.5], np.float32)
+    g = np.array([0.5, -1.0, 2.0, 0.25], np.float32)
+    with httpx.Client(base_url=api_url, timeout=10) as client:
+        big = np.zeros(2**22, np.float32)
+        sid = create(client, {"name": "sgd", "lr": LR}, {"w": w0, "big": big})["id"]
+        path = f"/v1/sessions/{sid}/gradients"
+        json_body = json.dumps({"grads": {"w": tensor(g)}}).encode()
+        headers = {"content-type": "application/json"}
+
+        # Never reads the answer: all params (16 MB) as safetensors, far past the socket buffers.
+        stalled = socket.create_connection((host, port))
+        stalled.sendall(
+            request_head(path + "?return=all", len(json_body), {**headers, "accept": ST})
+        )
+        stalled.sendall(json_body)
+        wait_until(lambda: client.get(f"/v1/sessions/{sid}").json()["version"] == 1, "applied")
+
+        # Sends half its body, then stalls mid-body while the others push.
+        slow = socket.create_connection((host, port))
+        slow.sendall(request_head(path + "?return=pushed", len(json_body), headers))
+        slow.sendall(json_body[: len(json_body) // 2])
+        time.sleep(0.2)  # its half body has surely arrived
+        for expected_version in range(2, 22):
+            response = client.post(path + "?return=none", content=json_body, headers=headers)
+            assert response.status_code == 200, response.text
+            assert response.json()["version"] == expected_version
+
+        slow.sendall(json_body[len(json_body) // 2 :])
+        status, _, answer = read_response(slow)
+        assert status == 200 and json.loads(answer)["version"] == 22
+        status, _, answer = read_response(stalled)
+        assert status == 200 and st_parse(answer)[1]["version"] == 1
+        slow.close()
+        stalled.close()
+        final = client.get(path.replace("/gradients", "/params") + "?names=w").json()
+    np.testing.assert_array_equal(from_json(final["params"]["w"]), w0 - 22 * LR * g)
