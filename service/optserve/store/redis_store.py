@@ -175,10 +175,11 @@ class RedisStore:
         backoff, seconds in all, before it reports a dead server).
 
         No command is ever re-sent by redis-py: a commit whose reply was lost may have applied,
-        and sending it again would look like a conflict to the engine, which would re-apply the
-        batch. A failure is a StoreUnavailable at once (the API's 503 with Retry-After), and the
-        HTTP client retries the push with its Idempotency-Key instead. A dead store refuses the
-        connection at once; a hung one fails after `timeout_s`.
+        and sending it again would look like a conflict to the engine, which re-runs the batch,
+        so a push sent without an Idempotency-Key would step twice. A failure is a
+        StoreUnavailable at once (the API's 503 with Retry-After), and the HTTP client retries
+        the push with its key instead. A dead store refuses the connection at once; a hung one
+        fails after `timeout_s`.
         """
         options.setdefault("retry", Retry(NoBackoff(), 0))
         options.setdefault("socket_connect_timeout", min(CONNECT_TIMEOUT_S, timeout_s))
