@@ -11,6 +11,7 @@ pushes are acknowledged therefore run with OPTSERVE_FSYNC=always (each commit wa
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ from redis.retry import Retry
 
 from optserve.optim import get_algorithm
 from optserve.optim.update import apply_update, initial_states
-from optserve.store import keys
+from optserve.store import keys, redis_store
 from optserve.store.embedded import EmbeddedValkey
 
 from .api_helpers import ST, assert_problem, create, from_json, push, st_body, st_parse, tensor
@@ -190,6 +191,112 @@ class LongPoll:
         waited = self.outcome["answered_at"] - woken_after
         assert waited < 10, f"answered {waited:.1f}s after the commit: not woken by its event"
         return self.outcome["version"]
+
+
+# -- a commit's reply lost on the way back ---------------------------------------------------------
+
+#: How a commit looks on the wire (SCRIPT EXISTS, which redis-py sends first, names it too).
+COMMIT_CALL = b"$7\r\nEVALSHA\r\n$40\r\n" + (
+    hashlib.sha1(redis_store._COMMIT_SCRIPT.encode()).hexdigest().encode()
+)
+
+
+class CommitReplyCutter:
+    """A TCP proxy in front of the store. Armed, it passes the next commit (the EVALSHA of
+    commit.lua) on to the store and then cuts that connection before the reply comes back: the
+    commit applies, and optserve cannot know it (a network fault, or a store that dies after it
+    executed a command)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.armed = threading.Event()
+        self.cuts = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            cut = threading.Event()
+            threading.Thread(
+                target=self._to_store, args=(client, upstream, cut), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._to_client, args=(upstream, client, cut), daemon=True
+            ).start()
+
+    def _to_store(self, client: socket.socket, upstream: socket.socket, cut: threading.Event):
+        with contextlib.suppress(OSError):
+            while data := client.recv(1 << 16):
+                if self.armed.is_set() and COMMIT_CALL in data:
+                    self.armed.clear()
+                    cut.set()  # from now on nothing goes back to optserve
+                    upstream.sendall(data)
+                    self.cuts += 1
+                    _close(client)  # optserve sees the connection drop mid-command
+                    time.sleep(0.2)  # while the store runs the commit
+                    break
+                upstream.sendall(data)
+        _close(client)
+        _close(upstream)
+
+    @staticmethod
+    def _to_client(upstream: socket.socket, client: socket.socket, cut: threading.Event):
+        with contextlib.suppress(OSError):
+            while (data := upstream.recv(1 << 16)) and not cut.is_set():
+                client.sendall(data)
+        _close(client)
+        _close(upstream)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+def test_a_commit_whose_reply_is_lost_is_503_and_never_sent_twice(valkey_server, server_factory):
+    """optserve never re-sends a store command: a commit whose reply was lost may have applied.
+    Re-sending it would meet a version conflict, and the engine would re-run the batch: a push
+    without an Idempotency-Key would step twice (redis-py's own retries, the default of some
+    versions, did exactly that here). Instead the push is a 503; with a key, its retry replays."""
+    cutter = CommitReplyCutter(valkey_server.port)
+    try:
+        server = server_factory(OPTSERVE_REDIS_URL=f"redis://127.0.0.1:{cutter.port}")
+        w0 = np.array([1.0, 2.0, -3.0, 0.5], np.float32)
+        g = np.array([0.5, -1.0, 2.0, 0.25], np.float32)
+        body = {"grads": {"w": tensor(g)}}
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            sid = create(client, {"name": "sgd", "lr": LR}, {"w": w0})["id"]
+            path = f"/v1/sessions/{sid}/gradients"
+
+            cutter.armed.set()
+            assert_problem(client.post(path, json=body), 503, "store_unavailable")
+            assert cutter.cuts == 1
+            params = client.get(f"/v1/sessions/{sid}/params").json()
+            assert params["version"] == 1, "the commit was sent twice"  # applied, once
+            np.testing.assert_array_equal(from_json(params["params"]["w"]), w0 - LR * g)
+
+            cutter.armed.set()
+            headers = {"Idempotency-Key": "lost-reply"}
+            assert_problem(client.post(path, json=body, headers=headers), 503, "store_unavailable")
+            response = client.post(path, json=body, headers=headers)  # the client's retry
+            assert response.status_code == 200, response.text
+            assert response.headers["idempotency-replayed"] == "true"
+            assert response.json()["version"] == 2
+            np.testing.assert_array_equal(
+                from_json(response.json()["params"]["w"]), w0 - 2 * LR * g
+            )
+    finally:
+        cutter.close()
 
 
 # -- 8 workers through a store kill and an API kill ---------------------------------------------
