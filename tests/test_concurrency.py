@@ -41,17 +41,19 @@ def two_servers(server_factory, valkey_server):
     return [server_factory(OPTSERVE_REDIS_URL=valkey_server.url) for _ in range(2)]
 
 
-def run_workers(urls: list[str], sid: str, tmp_path: Path) -> list[dict[str, Any]]:
-    """Start WORKERS processes, release them together, return every push they made."""
+def run_workers(
+    urls: list[str], sid: str, tmp_path: Path, workers: int = WORKERS, pushes: int = PUSHES
+) -> list[dict[str, Any]]:
+    """Start `workers` processes, release them together, return every push they made."""
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     procs: list[tuple[subprocess.Popen, Path, Path]] = []
     try:
-        for worker in range(WORKERS):
+        for worker in range(workers):
             out, log = tmp_path / f"worker-{worker}.json", tmp_path / f"worker-{worker}.log"
             command = [
                 sys.executable, str(WORKER_SCRIPT), "--servers", *urls, f"--session={sid}",
-                "--worker", str(worker), "--pushes", str(PUSHES), "--tensors", json.dumps(SHAPES),
+                "--worker", str(worker), "--pushes", str(pushes), "--tensors", json.dumps(SHAPES),
                 "--barrier", str(barrier), "--out", str(out),
                 "--wire", "json" if worker % 2 == 0 else "safetensors",
             ]  # fmt: skip
@@ -59,7 +61,7 @@ def run_workers(urls: list[str], sid: str, tmp_path: Path) -> list[dict[str, Any
                 proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
             procs.append((proc, out, log))
         deadline = time.monotonic() + 60
-        while len(list(barrier.glob("ready-*"))) < WORKERS:
+        while len(list(barrier.glob("ready-*"))) < workers:
             dead = [log.read_text() for proc, _, log in procs if proc.poll() is not None]
             assert not dead, f"a worker exited before the start:\n{dead[0][-3000:]}"
             assert time.monotonic() < deadline, "workers did not get ready within 60 s"
@@ -75,13 +77,15 @@ def run_workers(urls: list[str], sid: str, tmp_path: Path) -> list[dict[str, Any
     records = []
     for worker, (proc, out, log) in enumerate(procs):
         assert proc.returncode == 0, f"worker {worker} failed:\n{log.read_text()[-3000:]}"
-        pushes = json.loads(out.read_text())["pushes"]
-        assert len(pushes) == PUSHES
-        records += [{**push, "worker": worker} for push in pushes]
+        made = json.loads(out.read_text())["pushes"]
+        assert len(made) == pushes
+        records += [{**push, "worker": worker} for push in made]
     return records
 
 
-def acknowledged_in_order(client: httpx.Client, sid: str, records: list[dict]) -> list[dict]:
+def acknowledged_in_order(
+    client: httpx.Client, sid: str, records: list[dict], expected: int = WORKERS * PUSHES
+) -> list[dict]:
     """The acknowledged pushes sorted by the version each produced, after checking that every
     push was acknowledged, that no two got the same version and that the session counts them."""
     refused = [r for r in records if r["status"] != 200]
@@ -91,7 +95,7 @@ def acknowledged_in_order(client: httpx.Client, sid: str, records: list[dict]) -
     assert len(set(versions)) == len(versions), "two pushes got the same version"
     assert sorted(versions) == list(range(1, len(acked) + 1))
     session = client.get(f"/v1/sessions/{sid}").json()
-    assert session["version"] == len(acked) == WORKERS * PUSHES
+    assert session["version"] == len(acked) == expected
     assert {r["server"] for r in acked} == {0, 1}, "both servers took pushes"
     return sorted(acked, key=lambda r: r["version"])
 

@@ -33,18 +33,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         embedded: EmbeddedValkey | None = None
-        url = settings.redis_url
+        url, cluster = settings.redis_url, settings.redis_cluster
         if url is None:
             embedded = EmbeddedValkey(settings.data_dir, appendfsync=settings.fsync)
-            url = await to_thread.run_sync(embedded.start)
+            url, cluster = await to_thread.run_sync(embedded.start), False
             log.info("embedded valkey at %s, data in %s", url, settings.data_dir.resolve())
-        store = RedisStore.from_url(
+        store = await RedisStore.connect(
             url,
+            cluster=cluster,
             fsync_always=settings.fsync == "always",
             timeout_s=settings.store_timeout_s,
             health_check_interval=30,
             metrics=metrics,
         )
+        if store.cluster:
+            log.info("redis cluster client (%s)", "set" if cluster else "detected")
         events = VersionEvents(store.client)
         events.start()
         service = SessionService(

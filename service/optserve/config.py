@@ -20,6 +20,11 @@ class Settings(BaseSettings):
         default=None,
         description="Redis/Valkey URL. Unset: start the embedded Valkey with data in data_dir.",
     )
+    redis_cluster: bool | None = Field(
+        default=None,
+        description="true: the Redis URL is one node of a Redis Cluster (use the cluster client); "
+        "false: a single server; unset: ask the server (INFO cluster) at startup.",
+    )
     data_dir: Path = Field(
         default=Path(".optserve"), description="Embedded store's files (AOF, config, log, lock)."
     )

@@ -14,8 +14,10 @@ import logging
 from collections.abc import Iterator
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from ..store import keys
+from ..store.cluster import open_pubsub
 
 log = logging.getLogger("optserve.events")
 
@@ -33,7 +35,7 @@ def _sid_of(channel: bytes | str) -> str | None:
 class VersionEvents:
     """Wakes in-process waiters when a session's version changes, on any replica."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis | RedisCluster) -> None:
         self._client = client
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._task: asyncio.Task | None = None
@@ -69,8 +71,9 @@ class VersionEvents:
     async def _listen(self) -> None:
         delay = 0.1
         while True:
-            pubsub = self._client.pubsub()
+            pubsub = None
             try:
+                pubsub = await open_pubsub(self._client)
                 await pubsub.psubscribe(keys.EVENTS_PATTERN)
                 self._wake_all()
                 delay = 0.1
@@ -87,5 +90,6 @@ class VersionEvents:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX_S)
             finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()

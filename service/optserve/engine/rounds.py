@@ -36,13 +36,15 @@ import numpy as np
 import orjson
 import redis.asyncio as aioredis
 from anyio import to_thread
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..metrics import Metrics
 from ..optim.errors import OptimError
 from ..store import round_keys as rk
+from ..store.cluster import is_outage, open_pubsub, queue_script, same_node, with_scripts
 from ..store.errors import StoreUnavailable
 from .arrays import LE_F32, to_bytes
 from .errors import EngineError, invalid_session
@@ -229,7 +231,7 @@ class RoundCoordinator:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | RedisCluster,
         *,
         lease_s: float = 5.0,
         apply_grace_s: float = 120.0,
@@ -560,7 +562,7 @@ class RoundCoordinator:
         async def run() -> list:
             async with self._client.pipeline(transaction=False) as pipe:
                 for keys in wanted.values():
-                    pipe.mget(keys)
+                    pipe.execute_command("MGET", *keys)  # pipe.mget: not on a cluster
                 return await pipe.execute()
 
         replies = await _guard(run)
@@ -607,15 +609,20 @@ class RoundCoordinator:
                 # when the round opened and the time now, both on the store's clock (the round's
                 # pushers may have come through other replicas with other clocks)
                 pipe.hget(rk.round_key(sid, number), "opened")
-                pipe.time()
-                await self._settle(
-                    keys=[rk.round_key(sid, number), rk.round_lease_key(sid, number)],
-                    args=[token, "done", timing.result_ms, rk.rounds_channel(sid), number, *fields],
-                    client=pipe,
+                pipe.execute_command(
+                    "TIME", **await same_node(self._client, rk.round_key(sid, number))
+                )
+                await queue_script(
+                    pipe,
+                    self._settle,
+                    [rk.round_key(sid, number), rk.round_lease_key(sid, number)],
+                    [token, "done", timing.result_ms, rk.rounds_channel(sid), number, *fields],
                 )
                 return await pipe.execute()
 
-        *_, opened, now, reply = await _guard(run)
+        *_, opened, now, reply = await _guard(
+            lambda: with_scripts(self._client, [self._settle], run)
+        )
         if opened is not None:
             seconds, micros = now
             elapsed = seconds + micros / 1e6 - int(opened) / 1000
@@ -772,8 +779,9 @@ class RoundCoordinator:
         assert self._ready is not None
         delay = 0.1
         while True:
-            pubsub = self._client.pubsub()
+            pubsub = None
             try:
+                pubsub = await open_pubsub(self._client)
                 await pubsub.psubscribe(rk.ROUNDS_PATTERN)
                 async for message in pubsub.listen():
                     kind = message.get("type")
@@ -788,8 +796,9 @@ class RoundCoordinator:
                 log.warning("round notifications: %s; reconnecting in %.1fs", error, delay)
             finally:
                 self._ready.clear()
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -910,3 +919,7 @@ async def _guard(call: Callable[[], Awaitable[T]]) -> T:
         return await call()
     except (RedisConnectionError, RedisTimeoutError, OSError) as error:
         raise StoreUnavailable(str(error)) from error
+    except (RedisError, RedisClusterException) as error:
+        if is_outage(error):
+            raise StoreUnavailable(str(error)) from error
+        raise

@@ -15,6 +15,11 @@ script refuses if the TTL changed since the caller read the key list), and reads
 own TTLs: staged arrays and the lease (short), idempotency records (idempotency_ttl_s, so a
 retry never applies twice while the session lives); store/sweeper.py removes them, and the
 listing index entry, once the session is gone.
+
+The same code runs on one server or on a Redis Cluster (store/cluster.py has the differences):
+a session's keys share one slot, and the one key outside it, the session index, is written in
+a step of its own there, ordered so that a crash leaves at worst an index entry without a
+session (listing skips it), never a session missing from the index.
 """
 
 from __future__ import annotations
@@ -28,18 +33,30 @@ from importlib import resources
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..metrics import Metrics
 from . import keys
+from .cluster import (
+    client_for,
+    detect_cluster,
+    is_outage,
+    queue_script,
+    same_node,
+    with_scripts,
+)
 from .errors import IdempotencyConflict, SessionGone, StoreUnavailable, VersionConflict
 
 #: Staged arrays of a commit that never ran (its process died) disappear after this long.
 STAGED_TTL_MS = 120_000
+#: On a cluster, how long after its id was listed a session may still be being written (its
+#: create's MULTI not yet run): forget() leaves such ids alone.
+CREATE_GRACE_S = 600.0
 #: Largest Redis value an array is split into (Redis refuses values over 512 MiB, and big values
 #: stall its single thread); 16 MiB = 4M float32 per chunk.
 CHUNK_BYTES = 16 * 2**20
@@ -133,6 +150,15 @@ def _timed(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     return timed
 
 
+def _pinned(options: Mapping[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Client options with redis-py's retries off and our timeouts (see from_url)."""
+    pinned = dict(options)
+    pinned.setdefault("retry", Retry(NoBackoff(), 0))
+    pinned.setdefault("socket_connect_timeout", min(CONNECT_TIMEOUT_S, timeout_s))
+    pinned.setdefault("socket_timeout", timeout_s)
+    return pinned
+
+
 def _chunks(data: Buffer, size: int) -> list[memoryview]:
     """Zero-copy slices of at most `size` bytes (one, possibly empty, for an empty array)."""
     view = memoryview(data).cast("B")
@@ -141,17 +167,18 @@ def _chunks(data: Buffer, size: int) -> list[memoryview]:
 
 
 class RedisStore:
-    """Sessions in one Redis or Valkey (standalone); all methods are coroutines."""
+    """Sessions in one Redis or Valkey, or a Redis Cluster; all methods are coroutines."""
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | RedisCluster,
         *,
         fsync_always: bool = False,
         chunk_bytes: int = CHUNK_BYTES,
         metrics: Metrics | None = None,
     ) -> None:
         self.client = client
+        self.cluster = isinstance(client, RedisCluster)
         self.metrics = metrics or Metrics(process=False)
         self.chunk_bytes = chunk_bytes
         self.fsync_always = fsync_always
@@ -164,6 +191,7 @@ class RedisStore:
         cls,
         url: str,
         *,
+        cluster: bool = False,
         fsync_always: bool = False,
         chunk_bytes: int = CHUNK_BYTES,
         metrics: Metrics | None = None,
@@ -179,13 +207,38 @@ class RedisStore:
         so a push sent without an Idempotency-Key would step twice. A failure is a
         StoreUnavailable at once (the API's 503 with Retry-After), and the HTTP client retries
         the push with its key instead. A dead store refuses the connection at once; a hung one
-        fails after `timeout_s`.
+        fails after `timeout_s`. The same holds on a cluster (`cluster=True`): RedisCluster's
+        own re-sends after a connection error are off too, while it still follows MOVED and
+        ASK redirections (a redirected command did not run).
         """
-        options.setdefault("retry", Retry(NoBackoff(), 0))
-        options.setdefault("socket_connect_timeout", min(CONNECT_TIMEOUT_S, timeout_s))
-        options.setdefault("socket_timeout", timeout_s)
-        client = aioredis.Redis.from_url(url, **options)
+        client = client_for(url, cluster=cluster, **_pinned(options, timeout_s))
         return cls(client, fsync_always=fsync_always, chunk_bytes=chunk_bytes, metrics=metrics)
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        cluster: bool | None = None,
+        fsync_always: bool = False,
+        chunk_bytes: int = CHUNK_BYTES,
+        metrics: Metrics | None = None,
+        timeout_s: float = COMMAND_TIMEOUT_S,
+        **options,
+    ) -> RedisStore:
+        """from_url(), asking the server whether it is a cluster when `cluster` is None."""
+        options = _pinned(options, timeout_s)
+        if cluster is None:
+            cluster = await detect_cluster(url, **options)
+        return cls.from_url(
+            url,
+            cluster=cluster,
+            fsync_always=fsync_always,
+            chunk_bytes=chunk_bytes,
+            metrics=metrics,
+            timeout_s=timeout_s,
+            **options,
+        )
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -222,9 +275,17 @@ class RedisStore:
                         for index, part in enumerate(parts):
                             key = keys.array_key(sid, tensor, name, index)
                             pipe.set(key, part, px=ttl_ms)
-                pipe.zadd(keys.SESSION_INDEX, {sid: time.time()})
+                if not self.cluster:
+                    pipe.zadd(keys.SESSION_INDEX, {sid: time.time()})
                 await pipe.execute()
 
+        if not self.cluster:
+            await _guard(run)
+            return
+        # The index lives in another slot: list it first, so that no session ever exists
+        # unlisted. If the write then fails, the entry stays (the write may have landed before
+        # the reply was lost); listing skips an entry whose session does not exist.
+        await _guard(lambda: self.client.zadd(keys.SESSION_INDEX, {sid: time.time()}))
         await _guard(run)
 
     @_timed
@@ -293,12 +354,12 @@ class RedisStore:
                 async with self.client.pipeline(transaction=True) as pipe:
                     pipe.hget(keys.meta_key(sid), keys.VERSION_FIELD)
                     if array_keys:
-                        pipe.mget(array_keys)
+                        pipe.execute_command("MGET", *array_keys)  # pipe.mget: not on a cluster
                     if _ttl_of(snapshot.meta):
                         await self._touch_in(pipe, snapshot)
                     return await pipe.execute()
 
-            replies = await _guard(run)
+            replies = await _guard(lambda run=run: with_scripts(self.client, [self._touch], run))
             if replies[0] is None:
                 raise SessionGone(sid)
             if int(replies[0]) != base.version:
@@ -316,7 +377,7 @@ class RedisStore:
     async def _touch_in(self, pipe: Any, snap: Snapshot) -> None:
         """Queue the touch script on a pipeline (awaiting it only queues it)."""
         keys_ = [keys.meta_key(snap.sid), *_array_keys(snap.sid, snap.manifests)]
-        await self._touch(keys=keys_, args=[snap.version], client=pipe)
+        await queue_script(pipe, self._touch, keys_, [snap.version])
 
     @_timed
     async def touch(self, snap: Snapshot) -> None:
@@ -416,17 +477,18 @@ class RedisStore:
                         for index, part in enumerate(parts):
                             key = keys.staged_key(sid, token, tensor, name, index)
                             pipe.set(key, part, px=staged_ms)
-                await self._commit(
-                    keys=[keys.meta_key(sid), *staged, *deletes, *record_keys, *live],
-                    args=args,
-                    client=pipe,
+                await queue_script(
+                    pipe,
+                    self._commit,
+                    [keys.meta_key(sid), *staged, *deletes, *record_keys, *live],
+                    args,
                 )
                 if self.fsync_always:
-                    pipe.execute_command("WAITAOF", 1, 0, 0)
+                    pipe.execute_command("WAITAOF", 1, 0, 0, **await self._same_node(sid))
                 replies = await pipe.execute()
             return replies[-2] if self.fsync_always else replies[-1]
 
-        result = await _guard(run)
+        result = await _guard(lambda: with_scripts(self.client, [self._commit], run))
         if result == -1:
             raise SessionGone(sid)
         if isinstance(result, list):
@@ -434,6 +496,11 @@ class RedisStore:
                 raise IdempotencyConflict(sid)
             raise VersionConflict(int(result[1]))
         return int(result)
+
+    async def _same_node(self, sid: str) -> dict[str, Any]:
+        """Where a keyless command must go to share the connection of the session's commands
+        in a pipeline (WAITAOF waits for the writes of its own connection)."""
+        return await same_node(self.client, keys.meta_key(sid))
 
     @_timed
     async def read_idempotency(self, sid: str, digests: list[str]) -> dict[str, str]:
@@ -470,19 +537,33 @@ class RedisStore:
 
         async def run() -> None:
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.unlink(*doomed)
-                pipe.zrem(keys.SESSION_INDEX, sid)
+                pipe.execute_command("UNLINK", *doomed)  # pipe.unlink differs on a cluster
+                if not self.cluster:
+                    pipe.zrem(keys.SESSION_INDEX, sid)
                 await pipe.execute()
 
         await _guard(run)
+        if self.cluster:  # the index is in another slot: unlisted only once it is gone
+            await _guard(lambda: self.client.zrem(keys.SESSION_INDEX, sid))
         return True
 
     @_timed
-    async def forget(self, sids: Iterable[str]) -> None:
-        """Drop ids of sessions that are gone (expired) from the listing index."""
+    async def forget(self, sids: Iterable[str]) -> int:
+        """Drop ids of sessions that are gone (expired) from the listing index; returns how
+        many it dropped.
+
+        On a cluster a new id is listed before its session is written (see create), so an id
+        listed less than CREATE_GRACE_S ago may be a session still being created: it stays
+        (listing skips it meanwhile) until a later call finds it older.
+        """
         sids = list(sids)
-        if sids:
-            await _guard(lambda: self.client.zrem(keys.SESSION_INDEX, *sids))
+        if sids and self.cluster:
+            scores = await _guard(lambda: self.client.zmscore(keys.SESSION_INDEX, sids))
+            cutoff = time.time() - CREATE_GRACE_S
+            sids = [s for s, score in zip(sids, scores, strict=True) if score and score < cutoff]
+        if not sids:
+            return 0
+        return int(await _guard(lambda: self.client.zrem(keys.SESSION_INDEX, *sids)))
 
     @_timed
     async def list_ids(self, offset: int = 0, limit: int = 100) -> list[str]:
@@ -504,6 +585,10 @@ async def _guard(call: Callable[[], Awaitable[Any]]) -> Any:
     except (RedisConnectionError, RedisTimeoutError, OSError) as error:
         raise StoreUnavailable(str(error)) from error
     except RedisError as error:
-        if "LOADING" in str(error) or "BUSY" in str(error):
+        if "LOADING" in str(error) or "BUSY" in str(error) or is_outage(error):
+            raise StoreUnavailable(str(error)) from error
+        raise
+    except RedisClusterException as error:
+        if is_outage(error):
             raise StoreUnavailable(str(error)) from error
         raise

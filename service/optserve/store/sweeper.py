@@ -49,8 +49,7 @@ async def sweep(store: RedisStore) -> tuple[int, int]:
         )
         sids = [member.decode() for member, _ in entries]
         gone = await _gone(store, sids) if sids else set()
-        await store.forget(gone)
-        dropped += len(gone)
+        dropped += await store.forget(gone)
         if cursor == 0:
             break
     removed = 0
