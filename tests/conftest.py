@@ -135,3 +135,36 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for server in started:
         server.stop()
+
+
+# -- a server that needs API keys (tests/test_auth.py, tests/test_schemathesis.py) -----------------
+
+#: Two tenants' static keys, as OPTSERVE_API_KEYS holds them.
+KEY_A = "key-a-0123456789abcdef"
+KEY_B = "key-b-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def auth_server(
+    valkey_server: EmbeddedValkey, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """optserve with tenants team-a and team-b (KEY_A, KEY_B) and small bounds, on database 1 of
+    the shared Valkey (so keys stored there never reach `api_server`, which runs open on db 0)."""
+    env = {
+        "OPTSERVE_REDIS_URL": f"{valkey_server.url}/1",
+        "OPTSERVE_API_KEYS": f"team-a:{KEY_A},team-b:{KEY_B}",
+        "OPTSERVE_API_KEY_CACHE_S": "0.2",
+        "OPTSERVE_MAX_BODY_BYTES": "100000",
+        "OPTSERVE_MAX_TENSORS_PER_SESSION": "3",
+        "OPTSERVE_MAX_ELEMENTS_PER_TENSOR": "1000",
+        "OPTSERVE_MAX_ELEMENTS_PER_SESSION": "1500",
+        "OPTSERVE_MAX_TENSOR_NAME_LENGTH": "32",
+        "OPTSERVE_MAX_SESSIONS_PER_TENANT": "4",
+        "OPTSERVE_LONG_POLL_MAX_S": "0.2",  # generated wait_s values stay quick
+    }
+    log = tmp_path_factory.mktemp("auth") / "optserve.log"
+    server = ServerProcess(env, log).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 from safetensors import safe_open
 from safetensors.numpy import load_file, save, save_file
 
 from optserve.wire.json_codec import decode_json_tensor, encode_json, encode_json_tensor
 from optserve_client import Client
 
-from .conftest import ServerProcess
+from .conftest import KEY_A, ServerProcess
 
 GO_DIR = Path(__file__).resolve().parent.parent / "clients" / "go"
 GO = shutil.which("go")
@@ -200,13 +201,21 @@ class GoRun:
 
 
 @pytest.fixture(scope="module")
-def go_run(api_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> GoRun:
+def go_run(
+    api_server: ServerProcess,
+    auth_server: ServerProcess,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> GoRun:
     fixtures = tmp_path_factory.mktemp("safetensors-fixtures")
     write_python_fixtures(fixtures / "py")
+    with redis.Redis.from_url(auth_server.env["OPTSERVE_REDIS_URL"]) as store:
+        store.flushdb()  # no sessions left by earlier tests count against the tenant's bound
     result = run_go(
         "test", "-count=1", "-v", "./...",
         OPTSERVE_URL=api_server.url,
         OPTSERVE_ST_FIXTURES=str(fixtures),
+        OPTSERVE_AUTH_URL=auth_server.url,
+        OPTSERVE_AUTH_KEY=KEY_A,
     )  # fmt: skip
     return GoRun(result, fixtures)
 
@@ -324,3 +333,8 @@ def test_go_code_is_formatted_and_vetted() -> None:
         [str(gofmt), "-l", *sources], cwd=GO_DIR, capture_output=True, text=True, check=False
     )
     assert listed.returncode == 0 and listed.stdout == "", listed.stdout + listed.stderr
+
+
+def test_go_suite_ran_the_api_key_tests_against_a_server_that_needs_keys(go_run: GoRun) -> None:
+    for name in ("TestAPIKeyOnAServerThatNeedsOne", "Test429IsRetriedEvenForCreate"):
+        assert f"--- PASS: {name}" in go_run.result.stdout, go_run.explain()

@@ -190,11 +190,16 @@ func (c *Client) do(ctx context.Context, cl *call) (*response, error) {
 			}
 			wait = policy.delay(attempts, -1)
 		} else {
-			if resp.status != http.StatusServiceUnavailable || cl.retry != retrySafe || attempts >= policy.Attempts {
+			// 429: refused before anything ran, so any call may go again (after Retry-After).
+			limited := resp.status == http.StatusTooManyRequests
+			unavailable := resp.status == http.StatusServiceUnavailable && cl.retry == retrySafe
+			if !(limited || unavailable) || attempts >= policy.Attempts {
 				resp.attempts, resp.maybeApplied = attempts, maybeApplied
 				return c.finish(cl, resp)
 			}
-			maybeApplied = true // the store may have failed after the write went through
+			if unavailable {
+				maybeApplied = true // the store may have failed after the write went through
+			}
 			wait = policy.delay(attempts, retryAfter(resp.header))
 		}
 		timer := time.NewTimer(wait)

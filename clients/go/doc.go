@@ -16,7 +16,9 @@
 // client's own ("transport_error", "invalid_response", "invalid_argument").
 //
 // Retries follow the Python client: a call is retried after a transport failure or a 503
-// (waiting at least Retry-After), never after another status. A push carries one
+// (waiting at least Retry-After), and any call after a 429 (rate limited: nothing ran), never
+// after another status. An API key goes in WithAPIKey; a missing or bad one is a 401
+// "unauthorized" error. A push carries one
 // Idempotency-Key over all its attempts, so the server applies it at most once; a session
 // create is retried only when its connection could not even be made.
 package optserve

@@ -32,6 +32,7 @@ const (
 	dropClose  action = iota // the server answers, the client's connection is closed
 	dropReset                // the server answers, the client's connection is reset (RST)
 	gateway503               // the proxy answers 503 with Retry-After, the server sees nothing
+	gateway429               // the proxy answers 429 rate_limited with Retry-After: 1
 )
 
 type rule struct {
@@ -174,6 +175,13 @@ func (p *proxy) serve(client net.Conn) {
 		}
 		p.mu.Unlock()
 
+		if act == gateway429 {
+			problem := `{"type":"about:blank","title":"Too many requests","status":429,` +
+				`"detail":"slow down","code":"rate_limited"}`
+			fmt.Fprintf(client, "HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/problem+json\r\n"+
+				"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s", len(problem), problem)
+			continue
+		}
 		if act == gateway503 {
 			problem := `{"type":"about:blank","title":"Service Unavailable","status":503,` +
 				`"detail":"the gateway is overloaded","code":"store_unavailable"}`

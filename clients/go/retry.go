@@ -15,10 +15,10 @@ import (
 	"time"
 )
 
-// RetryPolicy says how often and how patiently a call is retried after a transport failure or
-// a 503. Attempts counts every try, the first included (1 = never retry). Before retry n the
+// RetryPolicy says how often and how patiently a call is retried after a transport failure, a
+// 503, or a 429 (rate limited: refused before anything ran, so every call is retried). Attempts counts every try, the first included (1 = never retry). Before retry n the
 // client waits Backoff * 2^(n-1), at most MaxBackoff, shortened at random by up to Jitter of
-// itself so that many workers do not retry in step. A 503's Retry-After is waited at least
+// itself so that many workers do not retry in step. A 503's or 429's Retry-After is waited at least
 // (but never more than MaxBackoff).
 type RetryPolicy struct {
 	Attempts   int

@@ -13,9 +13,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from . import __version__
 from .api import health, monitoring, problems, sessions
 from .api.request_log import RequestLogMiddleware
+from .auth import Authenticator
 from .config import Settings, get_settings
 from .engine.events import VersionEvents
 from .engine.lifetime import Lifetime
+from .engine.limits import Limits
 from .engine.sessions import SessionService
 from .metrics import Metrics
 from .store.embedded import EmbeddedValkey
@@ -23,6 +25,17 @@ from .store.redis_store import RedisStore
 from .store.sweeper import sweeping
 
 log = logging.getLogger("optserve")
+
+
+def limits_of(settings: Settings) -> Limits:
+    """The bounds on what one session may cost, from the settings of the same names."""
+    return Limits(
+        max_tensors_per_session=settings.max_tensors_per_session,
+        max_elements_per_tensor=settings.max_elements_per_tensor,
+        max_elements_per_session=settings.max_elements_per_session,
+        max_tensor_name_length=settings.max_tensor_name_length,
+        max_sessions_per_tenant=settings.max_sessions_per_tenant,
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -48,6 +61,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         if store.cluster:
             log.info("redis cluster client (%s)", "set" if cluster else "detected")
+        auth = Authenticator.from_settings(settings, store.client)
+        try:
+            await auth.check_startup(settings.host)  # StartupRefused: open on a public address
+        except BaseException:
+            await store.close()
+            if embedded is not None:
+                await to_thread.run_sync(embedded.stop)
+            raise
+        app.state.auth = auth
         events = VersionEvents(store.client)
         events.start()
         service = SessionService(
@@ -57,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             events=events,
             lifetime=Lifetime(settings.session_ttl_s, settings.max_session_ttl_s),
             metrics=metrics,
+            limits=limits_of(settings),
         )
         app.state.store = store
         app.state.service = service

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import checkpoint
+from . import checkpoint, keys_cli
 from .config import Settings
 
 # The server (uvicorn, the app, numba's kernels) is imported by the commands that run it, so a
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     openapi_parser.add_argument("--output", help="write it to this file instead")
     openapi_parser.set_defaults(run=openapi)
     checkpoint.add_parser(commands)
+    keys_cli.add_parser(commands)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -83,6 +83,29 @@ class Settings(BaseSettings):
         description="On SIGTERM, how long requests in flight may take to finish before they are "
         "cancelled (and again for queued pushes and rounds to commit).",
     )
+    # -- who may call, and how much (auth.py, engine/limits.py) --
+    api_keys: SecretStr | None = Field(
+        default=None,
+        description='Static API keys as tenant:key pairs, e.g. "team-a:k1...,team-b:k2..." '
+        "(keys of 16+ characters). Stored keys: `optserve keys create`.",
+    )
+    api_key_cache_s: float = Field(
+        default=1.0, ge=0, description="How long a stored key's record is cached per process "
+        "(a revoked key stops working within this time).",
+    )
+    rate_limit_per_s: float = Field(
+        default=0.0, ge=0, description="Requests per second per API key, shared by every "
+        "replica through Redis (429 rate_limited beyond); 0: no limit.",
+    )
+    rate_limit_burst: int | None = Field(
+        default=None, ge=1, description="Requests a key may send at once; unset: one second's "
+        "worth.",
+    )
+    max_tensors_per_session: int = Field(default=10_000, ge=1, description="422 beyond.")
+    max_elements_per_tensor: int = Field(default=2**28, ge=1, description="413 beyond.")
+    max_elements_per_session: int = Field(default=2**29, ge=1, description="413 beyond.")
+    max_tensor_name_length: int = Field(default=256, ge=1, description="422 beyond.")
+    max_sessions_per_tenant: int = Field(default=1_000, ge=1, description="422 beyond.")
 
     @property
     def is_loopback(self) -> bool:

@@ -45,8 +45,8 @@ const UNSENT_CODES = new Set([
  *
  * `attempts` counts every try, the first included (1 = never retry). Before retry n the client
  * waits `backoffMs * 2**(n-1)`, at most `maxBackoffMs`, shortened at random by up to `jitter`
- * of itself so that many workers do not retry in step. A 503 with `Retry-After` waits at least
- * that long (but never more than `maxBackoffMs`).
+ * of itself so that many workers do not retry in step. A 503 or 429 with `Retry-After` waits at
+ * least that long (but never more than `maxBackoffMs`).
  */
 export class RetryPolicy {
   constructor({ attempts = 5, backoffMs = 100, maxBackoffMs = 5000, jitter = 0.5 } = {}) {
@@ -205,7 +205,8 @@ const PUSH_FIELDS = [
  *
  * `retries` (a RetryPolicy, its options, a number of retries, or null/0 for none) retries a call
  * after a transport failure (refused, reset or dropped connection, timeout) or a 503 (waiting for
- * `Retry-After`), never after another error status. A push carries one Idempotency-Key over all
+ * `Retry-After`), never after another error status but 429 (rate limited: refused before anything
+ * ran, so every call is retried after its `Retry-After`). A push carries one Idempotency-Key over all
  * of its attempts, so a retried push is applied at most once; reads, PUT, PATCH and DELETE are
  * idempotent; createSession is retried only when its connection could not even be made.
  */
@@ -304,6 +305,14 @@ export class Client {
         const wait = next(retryAfterMs(response.headers));
         if (wait !== null) {
           maybeApplied = true; // the store may have failed after the write went through
+          await sleep(wait);
+          continue;
+        }
+      }
+      if (response.status === 429) {
+        // Rate limited: refused before anything ran, so any call may go again after Retry-After.
+        const wait = next(retryAfterMs(response.headers));
+        if (wait !== null) {
           await sleep(wait);
           continue;
         }

@@ -5,8 +5,8 @@
 ...     session = client.create_session("adam", {"w": w0}, lr=1e-3)
 ...     params = session.push({"w": grad})
 
-`AsyncClient` / `AsyncSession` are the same API with `await`. Both retry transport failures and
-503s under a `RetryPolicy` (`retries=`); a push is applied at most once however often it is
+`AsyncClient` / `AsyncSession` are the same API with `await`. Both retry transport failures,
+503s and 429s under a `RetryPolicy` (`retries=`); a push is applied at most once however often it is
 retried, since all its attempts carry one Idempotency-Key.
 """
 

@@ -67,8 +67,9 @@ class RetryPolicy:
 
     `attempts` counts every try, the first included (1 = never retry). Before retry n the client
     waits `backoff * 2**(n-1)` seconds, at most `max_backoff`, shortened at random by up to
-    `jitter` of itself so that many workers do not retry in step. A 503 with `Retry-After`
-    waits at least that long (but never more than `max_backoff`).
+    `jitter` of itself so that many workers do not retry in step. A 503 or a 429 (rate limited:
+    refused before anything ran, so any call is retried) with `Retry-After` waits at least that
+    long (but never more than `max_backoff`).
     """
 
     attempts: int = 5
@@ -157,6 +158,9 @@ class Attempts(Generic[T]):
 
     def after_response(self, response: httpx.Response) -> float | None:
         """Attempt `count` answered: seconds to wait before retrying, or None to finish with it."""
+        if response.status_code == 429:
+            # Rate limited: refused before anything ran, so any call may go again.
+            return self._next(retry_after_seconds(response))
         if response.status_code != 503 or self.call.retry != "safe":
             return None
         wait = self._next(retry_after_seconds(response))

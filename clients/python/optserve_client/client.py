@@ -35,8 +35,9 @@ class Client(BaseClient):
     only pass JSON. Every failure raises OptservError. Use as a context manager, or call close().
 
     `retries` (a RetryPolicy, a number of retries, or None/0 for none) retries a call after a
-    transport failure (refused, reset or dropped connection, timeout) or a 503 (waiting for
-    `Retry-After`), never after another error status. Pushes carry one Idempotency-Key over all
+    transport failure (refused, reset or dropped connection, timeout), a 503 (waiting for
+    `Retry-After`) or a 429 (rate limited: nothing ran, so any call), never after another error
+    status. Pushes carry one Idempotency-Key over all
     their attempts, so a retried push is applied at most once; reads, PUT, PATCH and DELETE are
     idempotent; create_session is retried only when its connection could not even be made.
     """

@@ -173,10 +173,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": Problem, "description": description, "content": _PROBLEM}
     for status, description in (
         (400, "Malformed body"),
-        (404, "No such session"),
-        (413, "Body too large"),
+        (401, "Missing or invalid API key (WWW-Authenticate: Bearer)"),
+        (404, "No such session (or another tenant's)"),
+        (413, "Body, tensor or session too large"),
         (415, "Unsupported media type"),
         (422, "Invalid request"),
+        (429, "Rate limited (Retry-After)"),
         (503, "Store unavailable"),
     )
 }

@@ -6,8 +6,9 @@ import hashlib
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
+from ..auth import CurrentTenant, current_tenant
 from ..engine.errors import EngineError, invalid_session
 from ..engine.pushes import PushRequest
 from ..wire import SAFETENSORS, decode_json_object, decode_message, request_media_type
@@ -25,7 +26,13 @@ from .http import (
 )
 from .state_wire import decode_state, encode_state
 
-router = APIRouter(prefix="/v1/sessions", tags=["sessions"], responses=schemas.ERRORS)
+# Every route needs the caller's tenant (auth.py); FastAPI runs the dependency once per request.
+router = APIRouter(
+    prefix="/v1/sessions",
+    tags=["sessions"],
+    responses=schemas.ERRORS,
+    dependencies=[Depends(current_tenant)],
+)
 
 CREATE_FIELDS = {
     "optimizer", "tensors", "mode", "lr_schedule", "clip_grad_norm", "nonfinite", "name",
@@ -44,6 +51,17 @@ PUSH_FIELDS = {"base_version", "worker"}
 #   significant bits, and a checkpoint must restore bit-exactly.
 
 
+async def owned_session(sid: str, tenant: CurrentTenant, service: Service) -> str:
+    """The path's session id, if the caller's tenant owns it; 404 `session_not_found` (the same
+    answer as for a session that does not exist) if it is another tenant's."""
+    await service.tenancy.check(sid, tenant.name)
+    return sid
+
+
+#: `{sid}` of a route, checked to belong to the caller.
+OwnedSession = Annotated[str, Depends(owned_session)]
+
+
 def _only(fields: dict[str, Any], allowed: set[str], what: str) -> None:
     unknown = sorted(set(fields) - allowed)
     if unknown:
@@ -57,12 +75,14 @@ def _only(fields: dict[str, Any], allowed: set[str], what: str) -> None:
     openapi_extra=schemas.body(schemas.SessionCreate, tensors_in="params"),
     summary="Create a session",
 )
-async def create_session(request: Request, service: Service, settings: AppSettings) -> Response:
+async def create_session(
+    request: Request, service: Service, settings: AppSettings, tenant: CurrentTenant
+) -> Response:
     body = await read_body(request, settings.max_body_bytes)
     content_type = request.headers.get("content-type")
     message = decode_message(body, content_type, "params", required=False, upcast=True)
     _only(message.fields, CREATE_FIELDS, "session")
-    session = await service.create(message.fields, message.tensors)
+    session = await service.create(message.fields, message.tensors, tenant.name)
     location = f"/v1/sessions/{session['id']}"
     return json_response(session, 201, {"Location": location, "ETag": etag(session["version"])})
 
@@ -70,14 +90,15 @@ async def create_session(request: Request, service: Service, settings: AppSettin
 @router.get("", response_model=schemas.SessionList, summary="List sessions")
 async def list_sessions(
     service: Service,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    tenant: CurrentTenant,
+    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,  # Redis ranges are 64-bit signed
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
-    return json_response({"sessions": await service.list(offset, limit)})
+    return json_response({"sessions": await service.list(offset, limit, tenant.name)})
 
 
 @router.get("/{sid}", response_model=schemas.Session, summary="Read a session")
-async def get_session(sid: str, service: Service) -> Response:
+async def get_session(sid: OwnedSession, service: Service) -> Response:
     session = await service.get(sid)
     return json_response(session, headers={"ETag": etag(session["version"])})
 
@@ -89,14 +110,14 @@ async def get_session(sid: str, service: Service) -> Response:
     summary="Change hyperparameters in flight",
 )
 async def patch_session(
-    sid: str, request: Request, service: Service, settings: AppSettings
+    sid: OwnedSession, request: Request, service: Service, settings: AppSettings
 ) -> Response:
     changes = decode_json_object(await read_body(request, settings.max_body_bytes))
     return json_response(await service.patch(sid, changes))
 
 
 @router.delete("/{sid}", status_code=204, summary="Delete a session and all its keys")
-async def delete_session(sid: str, service: Service) -> Response:
+async def delete_session(sid: OwnedSession, service: Service) -> Response:
     await service.delete(sid)
     return Response(status_code=204)
 
@@ -108,7 +129,7 @@ async def delete_session(sid: str, service: Service) -> Response:
     summary="Current parameters (long-poll with after_version and wait_s; 304 at the deadline)",
 )
 async def get_params(
-    sid: str,
+    sid: OwnedSession,
     request: Request,
     service: Service,
     settings: AppSettings,
@@ -138,7 +159,7 @@ async def get_params(
     summary="Replace parameter values (optimizer state untouched)",
 )
 async def put_params(
-    sid: str,
+    sid: OwnedSession,
     request: Request,
     service: Service,
     settings: AppSettings,
@@ -163,7 +184,7 @@ async def put_params(
     summary="Push gradients: one optimizer step, updated params back",
 )
 async def push_gradients(
-    sid: str,
+    sid: OwnedSession,
     request: Request,
     service: Service,
     settings: AppSettings,
@@ -241,7 +262,7 @@ def _check_push_fields(fields: dict[str, Any]) -> None:
     responses=schemas.TENSOR_RESPONSE,
     summary="Export params and the full optimizer state (a checkpoint)",
 )
-async def get_state(sid: str, request: Request, service: Service) -> Response:
+async def get_state(sid: OwnedSession, request: Request, service: Service) -> Response:
     exported = await service.export_state(sid)
     body, media_type = encode_state(exported, request.headers.get("accept"))
     return Response(body, media_type=media_type, headers={"ETag": etag(exported["version"])})
@@ -254,7 +275,7 @@ async def get_state(sid: str, request: Request, service: Service) -> Response:
     summary="Restore params and the full optimizer state",
 )
 async def put_state(
-    sid: str,
+    sid: OwnedSession,
     request: Request,
     service: Service,
     settings: AppSettings,

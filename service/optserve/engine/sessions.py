@@ -27,15 +27,18 @@ from ..optim.update import check_gradients, find_non_finite, initial_states
 from ..store.errors import IdempotencyConflict, SessionGone, VersionConflict
 from ..store.keys import TTL_FIELD
 from ..store.redis_store import KEEP, RedisStore, Snapshot
+from ..store.tenants import DEFAULT_TENANT, TENANT_FIELD, TenantIndex
 from .arrays import array_from_bytes, state_from_fields, state_to_fields, to_bytes
 from .batcher import Batcher
 from .errors import EngineError, invalid_session, not_found
 from .events import VersionEvents
 from .lifetime import Lifetime, ttl_s_of
+from .limits import Limits
 from .pushes import BatchPlan, BatchRun, PushRequest, PushResult, key_reused, run_pushes
 from .rounds import RoundCoordinator
-from .session_config import SessionConfig, build_config, check_shape, check_tensor_name
+from .session_config import SessionConfig, build_config, check_shape
 from .state_io import check_tensor_state, stepped_layout
+from .tenancy import Tenancy
 
 #: Commits lost to another process (several replicas on one Redis) are retried this often.
 MAX_COMMIT_ATTEMPTS = 16
@@ -68,9 +71,12 @@ class SessionService:
         rounds: RoundCoordinator | None = None,
         lifetime: Lifetime | None = None,
         metrics: Metrics | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.store = store
         self.lifetime = lifetime or Lifetime()
+        self.limits = limits or Limits()
+        self.tenancy = Tenancy(TenantIndex(store.client), self.limits)
         self.metrics = metrics or store.metrics
         self.rounds = rounds or RoundCoordinator(store.client, metrics=self.metrics)
         self._modes: dict[str, dict[str, Any]] = {}
@@ -150,15 +156,19 @@ class SessionService:
         await self.store.touch(snap)  # a read is a use: it renews the session's TTL
         return self.view(snap)
 
-    async def list(self, offset: int = 0, limit: int = 100) -> list[dict[str, Any]]:
-        """Listing is not a use of each session: it renews no TTL."""
+    async def list(
+        self, offset: int = 0, limit: int = 100, tenant: str = DEFAULT_TENANT
+    ) -> list[dict[str, Any]]:
+        """The tenant's sessions, oldest first. Listing is not a use of each session: it renews
+        no TTL."""
         views = []
         gone = []
-        for sid in await self.store.list_ids(offset, limit):
+        for sid in await self.tenancy.ids(tenant, offset, limit):
             try:
                 views.append(self.view(await self.store.read_meta(sid)))
-            except SessionGone:
-                gone.append(sid)  # expired (or deleted in between): drop it from the index
+            except SessionGone:  # expired or deleted meanwhile (or a crash left the entry)
+                gone.append(sid)
+                await self.tenancy.drop(tenant, sid)
         await self.store.forget(gone)
         return views
 
@@ -168,6 +178,7 @@ class SessionService:
         self,
         fields: Mapping[str, Any],
         params: Mapping[str, np.ndarray],
+        tenant: str = DEFAULT_TENANT,
     ) -> dict[str, Any]:
         """Create a session from the request's fields and its initial `params` tensors."""
         _reject_non_finite(params, "initial params")
@@ -176,9 +187,9 @@ class SessionService:
             raise invalid_session('"tensors" must map names to {"shape": [...]}')
         shapes: dict[str, tuple[int, ...]] = {}
         for name, array in params.items():
-            shapes[check_tensor_name(name)] = tuple(array.shape)
+            shapes[self.limits.check_name(name)] = tuple(array.shape)
         for name, spec in declared.items():
-            check_tensor_name(name)
+            self.limits.check_name(name)
             if name in shapes:
                 raise invalid_session(f"tensor {name!r} is both in params and in tensors")
             if not isinstance(spec, Mapping) or set(spec) - {"shape", "dtype"}:
@@ -186,6 +197,7 @@ class SessionService:
             if spec.get("dtype", "float32") != "float32":
                 raise invalid_session(f"tensor {name!r}: only float32 tensors are supported")
             shapes[name] = check_shape(name, spec.get("shape"))
+        self.limits.check_session(shapes.items())  # before np.zeros allocates what they declare
         config = build_config(
             optimizer=fields.get("optimizer"),
             tensors=shapes,
@@ -215,17 +227,28 @@ class SessionService:
             "schedule": orjson.dumps(schedule.to_dict()).decode(),
             "created_at": now,
             "updated_at": now,
+            TENANT_FIELD: tenant,
         }
         ttl_ms = self.lifetime.ttl_ms(fields, creating=True)
         if ttl_ms is not None:
             meta[TTL_FIELD] = str(ttl_ms)
-        await self.store.create(sid, meta, writes)
+        # Index first, session second (store/tenants.py): a crash between them leaves an index
+        # entry without a session, never a session its tenant cannot list.
+        await self.tenancy.admit(tenant, sid)
+        try:
+            await self.store.create(sid, meta, writes)
+        except BaseException:
+            await self.tenancy.drop(tenant, sid)
+            raise
         return self.view(await self._meta(sid))
 
     async def delete(self, sid: str) -> None:
         self._modes.pop(sid, None)
+        tenant = await self.tenancy.owner(sid)
         if not await self.store.delete(sid):
             raise not_found(sid)
+        if tenant is not None:
+            await self.tenancy.drop(tenant, sid)  # after the session: see store/tenants.py
 
     # -- changing hyperparameters ----------------------------------------------------------------
 

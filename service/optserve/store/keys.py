@@ -79,3 +79,21 @@ EVENTS_PATTERN = f"{PREFIX}:*:events"
 
 def manifest_field(tensor: str) -> str:
     return f"{MANIFEST_FIELD_PREFIX}{tensor}"
+
+
+# -- tenants and API keys (store/tenants.py, store/api_keys.py) ----------------------------------
+# These keys sit outside any session's hash tag: each is touched alone (never in a MULTI or Lua
+# call with session keys), so they work the same on Redis Cluster.
+
+#: Hash of stored API keys: public key id -> JSON {tenant, created, sha256 of the key}.
+API_KEYS = f"{PREFIX}:apikeys"
+
+
+def tenant_sessions_key(tenant: str) -> str:
+    """Sorted set of one tenant's session ids (score: creation time): its listing and its count."""
+    return f"{PREFIX}:tenant:{tenant}:sessions"
+
+
+def rate_limit_key(key_id: str) -> str:
+    """One API key's rate-limit state (GCRA: its theoretical arrival time in ms)."""
+    return f"{PREFIX}:ratelimit:{key_id}"

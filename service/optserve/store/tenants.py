@@ -1,0 +1,69 @@
+"""Which sessions belong to which tenant: one sorted set per tenant, plus the owner in the meta.
+
+The per-tenant index is a key of its own, outside every session's hash tag, so it is never written
+in the same MULTI or Lua call as a session's keys (that would cross Redis Cluster slots). The
+order makes a crash harmless: creating, the session is admitted to the index first and written
+second; deleting, it is removed first and dropped from the index second. Either way a crash leaves
+at most an index entry without a session, which nobody can see (listings skip ids whose meta is
+gone and drop them) and which only counts against the tenant's session bound until then.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis.asyncio as aioredis
+
+from . import keys
+from .redis_store import _guard
+
+#: Field of a session's meta hash naming the tenant that owns it.
+TENANT_FIELD = "tenant"
+
+# KEYS[1] the tenant's index; ARGV: session id, score, bound. 1 if admitted, 0 if full.
+_ADMIT = """
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+return 1
+"""
+
+
+class TenantIndex:
+    """A tenant's sessions: admit under a bound, list, drop; and who owns a session."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self._admit = client.register_script(_ADMIT)
+
+    async def admit(self, tenant: str, sid: str, bound: int) -> bool:
+        """Add `sid` to the tenant's index unless it already holds `bound` sessions (atomic)."""
+        key = keys.tenant_sessions_key(tenant)
+        return bool(await _guard(lambda: self._admit(keys=[key], args=[sid, time.time(), bound])))
+
+    async def drop(self, tenant: str, sid: str) -> None:
+        await _guard(lambda: self.client.zrem(keys.tenant_sessions_key(tenant), sid))
+
+    async def ids(self, tenant: str, offset: int, limit: int) -> list[str]:
+        """The tenant's session ids, oldest first."""
+        key = keys.tenant_sessions_key(tenant)
+        raw = await _guard(lambda: self.client.zrange(key, offset, offset + limit - 1))
+        return [value.decode() for value in raw]
+
+    async def owner(self, sid: str) -> str | None:
+        """The tenant in the session's meta; None if there is no such session. Sessions made
+        before tenants existed have none and belong to `default`."""
+
+        async def run() -> list:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.exists(keys.meta_key(sid))
+                pipe.hget(keys.meta_key(sid), TENANT_FIELD)
+                return await pipe.execute()
+
+        exists, tenant = await _guard(run)
+        if not exists:
+            return None
+        return tenant.decode() if tenant is not None else DEFAULT_TENANT
+
+
+#: The tenant of every request when the server runs open, and of sessions older than tenants.
+DEFAULT_TENANT = "default"
