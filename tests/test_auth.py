@@ -4,6 +4,7 @@ replicas through one Valkey."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -21,6 +22,8 @@ import redis
 from optserve.api_key import hash_key, new_key
 from optserve.cli import main
 from optserve.store.api_keys import ApiKeyAdmin, KeyRecord
+from optserve.store.redis_store import RedisStore
+from optserve.store.sweeper import sweep
 from optserve_client import Client, OptservError, RetryPolicy
 
 from .api_helpers import ST, assert_problem, st_body, tensor
@@ -225,6 +228,30 @@ def test_sessions_per_tenant_bound_is_per_tenant_and_freed_by_delete(tenants) ->
     assert b.post("/v1/sessions", json=CREATE).status_code == 201  # team-b has its own bound
     assert a.delete(f"/v1/sessions/{ids[0]}").status_code == 204
     assert a.post("/v1/sessions", json=CREATE).status_code == 201
+
+
+def test_expired_sessions_leave_the_tenant_index(tenants, redis_url) -> None:
+    a, _ = tenants
+    ids = [a.post("/v1/sessions", json={**CREATE, "ttl_s": 0.2}).json()["id"] for _ in range(2)]
+    kept = [a.post("/v1/sessions", json=CREATE).json()["id"] for _ in range(2)]
+    time.sleep(0.4)  # two expired: the tenant is at its bound of 4 only by their entries
+    fresh = a.post("/v1/sessions", json=CREATE)  # a full index is pruned before it refuses
+    assert fresh.status_code == 201, fresh.text
+    listed = [s["id"] for s in a.get("/v1/sessions").json()["sessions"]]
+    assert listed == [*kept, fresh.json()["id"]] and not set(ids) & set(listed)
+    with redis.Redis.from_url(f"{redis_url}/1") as raw:
+        raw.zadd("optserve:tenant:team-b:sessions", {"f" * 32: 1})  # a session half-created
+        asyncio.run(_sweep(f"{redis_url}/1"))  # the sweeper's pass prunes every tenant's index
+        assert raw.zcard("optserve:tenant:team-b:sessions") == 0
+        assert raw.zcard("optserve:tenant:team-a:sessions") == 3
+
+
+async def _sweep(url: str) -> None:
+    store = RedisStore.from_url(url)
+    try:
+        await sweep(store)
+    finally:
+        await store.close()
 
 
 def test_lying_bodies_are_4xx_before_any_allocation(tenants) -> None:

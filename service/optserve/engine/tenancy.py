@@ -50,7 +50,12 @@ class Tenancy:
 
     async def admit(self, tenant: str, sid: str) -> None:
         """Count a new session against its tenant's bound (422 `too_many_sessions` past it)."""
-        if not await self.index.admit(tenant, sid, self.limits.max_sessions_per_tenant):
+        bound = self.limits.max_sessions_per_tenant
+        admitted = await self.index.admit(tenant, sid, bound)
+        # Full: entries of sessions that expired or were half-created may still count; drop them.
+        if not admitted and await self.index.prune(tenant):
+            admitted = await self.index.admit(tenant, sid, bound)
+        if not admitted:
             raise self.limits.too_many_sessions(tenant)
         self._remember(sid, tenant)
 

@@ -94,6 +94,10 @@ def tenant_sessions_key(tenant: str) -> str:
     return f"{PREFIX}:tenant:{tenant}:sessions"
 
 
+#: Matches every tenant's session index (the sweeper prunes them).
+TENANT_SESSIONS_PATTERN = f"{PREFIX}:tenant:*:sessions"
+
+
 def rate_limit_key(key_id: str) -> str:
     """One API key's rate-limit state (GCRA: its theoretical arrival time in ms)."""
     return f"{PREFIX}:ratelimit:{key_id}"

@@ -1,7 +1,7 @@
 """Periodic clean-up after sessions that expired (or were deleted).
 
 Redis expires a session's data by itself (see redis_store.py), even with no optserve running.
-What it cannot know about: the listing index (a sorted set outside every hash tag) and keys a
+What it cannot know about: the listing indexes (sorted sets outside every hash tag) and keys a
 session left beside its data with their own, sometimes longer, TTLs (sync-round keys, idempotency
 records of a deleted session, staged arrays of a commit whose process died). A session whose meta
 is gone is gone for good (ids are never reused and every write checks the meta first), so every
@@ -20,6 +20,7 @@ from collections import defaultdict
 from . import keys
 from .errors import StoreUnavailable
 from .redis_store import RedisStore, _guard
+from .tenants import TenantIndex
 
 log = logging.getLogger("optserve.sweeper")
 
@@ -52,6 +53,7 @@ async def sweep(store: RedisStore) -> tuple[int, int]:
         dropped += await store.forget(gone)
         if cursor == 0:
             break
+    await TenantIndex(store.client).sweep()  # the per-tenant listings too (not counted)
     removed = 0
     by_sid: dict[str, list[bytes]] = defaultdict(list)
 

@@ -5,7 +5,9 @@ in the same MULTI or Lua call as a session's keys (that would cross Redis Cluste
 order makes a crash harmless: creating, the session is admitted to the index first and written
 second; deleting, it is removed first and dropped from the index second. Either way a crash leaves
 at most an index entry without a session, which nobody can see (listings skip ids whose meta is
-gone and drop them) and which only counts against the tenant's session bound until then.
+gone and drop them). The same goes for a session that expired (ttl_s): its entry stays until a
+listing, the sweeper (store/sweeper.py) or a create that finds the tenant at its bound (`prune`)
+notices the meta is gone, so such entries never keep a tenant from creating sessions.
 """
 
 from __future__ import annotations
@@ -43,6 +45,25 @@ class TenantIndex:
     async def drop(self, tenant: str, sid: str) -> None:
         await _guard(lambda: self.client.zrem(keys.tenant_sessions_key(tenant), sid))
 
+    async def prune(self, tenant: str) -> int:
+        """Drop the tenant's entries whose session is gone; how many were dropped."""
+        return await self._prune(keys.tenant_sessions_key(tenant))
+
+    async def sweep(self) -> int:
+        """Prune every tenant's index (the sweeper's pass); how many entries were dropped."""
+        dropped = 0
+        async for key in self.client.scan_iter(match=keys.TENANT_SESSIONS_PATTERN, count=1000):
+            dropped += await self._prune(key)
+        return dropped
+
+    async def _prune(self, key: str | bytes) -> int:
+        # One tenant's index holds at most OPTSERVE_MAX_SESSIONS_PER_TENANT ids (plus leftovers).
+        sids = [value.decode() for value in await _guard(lambda: self.client.zrange(key, 0, -1))]
+        gone = await _gone(self.client, sids)
+        if gone:
+            await _guard(lambda: self.client.zrem(key, *gone))
+        return len(gone)
+
     async def ids(self, tenant: str, offset: int, limit: int) -> list[str]:
         """The tenant's session ids, oldest first."""
         key = keys.tenant_sessions_key(tenant)
@@ -63,6 +84,20 @@ class TenantIndex:
         if not exists:
             return None
         return tenant.decode() if tenant is not None else DEFAULT_TENANT
+
+
+async def _gone(client: aioredis.Redis, sids: list[str]) -> list[str]:
+    """The ids among `sids` whose meta no longer exists."""
+    if not sids:
+        return []
+
+    async def run() -> list:
+        async with client.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.exists(keys.meta_key(sid))
+            return await pipe.execute()
+
+    return [sid for sid, alive in zip(sids, await _guard(run), strict=True) if not alive]
 
 
 #: The tenant of every request when the server runs open, and of sessions older than tenants.
