@@ -18,12 +18,16 @@ import httpx
 import numpy as np
 import pytest
 import redis
+import redis.asyncio
 
 from optserve.api_key import hash_key, new_key
 from optserve.cli import main
+from optserve.engine.sessions import SessionService
+from optserve.store import keys
 from optserve.store.api_keys import ApiKeyAdmin, KeyRecord
 from optserve.store.redis_store import RedisStore
 from optserve.store.sweeper import sweep
+from optserve.store.tenants import DEFAULT_TENANT, TENANT_FIELD, adopt_untenanted
 from optserve_client import Client, OptservError, RetryPolicy
 
 from .api_helpers import ST, assert_problem, st_body, tensor
@@ -376,3 +380,29 @@ def test_keys_cli_on_the_embedded_store_running_or_not(
     code, listed, _ = cli(capsys, "list")  # the server is gone: the CLI runs the store itself
     assert code == 0 and "team-e" in listed
     assert not (data_dir / "valkey.pid").exists()  # and stops it again
+
+
+def test_sessions_from_before_tenants_are_adopted_by_default(redis_url: str) -> None:
+    async def scenario() -> None:
+        store = RedisStore.from_url(redis_url)
+        service = SessionService(store)
+        raw = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            fields = {"optimizer": {"name": "sgd", "lr": 0.1}}
+            old = (await service.create(fields, {"w": np.ones(2, np.float32)}))["id"]
+            # as an older optserve left it: no tenant in the meta, only the global index
+            await raw.hdel(keys.meta_key(old), TENANT_FIELD)
+            await raw.zrem(keys.tenant_sessions_key(DEFAULT_TENANT), old)
+            await raw.zadd(keys.SESSION_INDEX, {"e" * 32: 1})  # and one long gone
+            assert await service.list() == []
+            assert await adopt_untenanted(raw) == 1
+            assert [s["id"] for s in await service.list()] == [old]
+            assert await raw.hget(keys.meta_key(old), TENANT_FIELD) == b"default"
+            assert not await raw.exists(keys.meta_key("e" * 32))  # not brought back as a husk
+            assert await adopt_untenanted(raw) == 0
+        finally:
+            await service.close()
+            await store.close()
+            await raw.aclose()
+
+    asyncio.run(scenario())

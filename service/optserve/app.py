@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,8 +22,10 @@ from .engine.limits import Limits
 from .engine.sessions import SessionService
 from .metrics import Metrics
 from .store.embedded import EmbeddedValkey
+from .store.errors import StoreUnavailable
 from .store.redis_store import RedisStore
 from .store.sweeper import sweeping
+from .store.tenants import adopt_untenanted
 
 log = logging.getLogger("optserve")
 
@@ -70,6 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await to_thread.run_sync(embedded.stop)
             raise
         app.state.auth = auth
+        with contextlib.suppress(StoreUnavailable):  # sessions from before tenants: `default`'s
+            await adopt_untenanted(store.client)
         events = VersionEvents(store.client)
         events.start()
         service = SessionService(

@@ -21,6 +21,8 @@ from .redis_store import _guard
 
 #: Field of a session's meta hash naming the tenant that owns it.
 TENANT_FIELD = "tenant"
+#: The tenant of every request when the server runs open, and of sessions older than tenants.
+DEFAULT_TENANT = "default"
 
 # KEYS[1] the tenant's index; ARGV: session id, score, bound. 1 if admitted, 0 if full.
 _ADMIT = """
@@ -86,6 +88,57 @@ class TenantIndex:
         return tenant.decode() if tenant is not None else DEFAULT_TENANT
 
 
+# KEYS[1] a session's meta. Sets its tenant only if the meta exists (never a meta of one field).
+_ADOPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
+_ADOPT_ARGS = (TENANT_FIELD, DEFAULT_TENANT)
+
+
+async def adopt_untenanted(client: aioredis.Redis) -> int:
+    """Give sessions made before tenants existed (no tenant in their meta) to `default`: the
+    field in their meta and an entry in its index, so its listing shows them. Idempotent; one
+    pipelined read per 1000 sessions of the global index. Returns how many it adopted."""
+    adopt = client.register_script(_ADOPT)
+    adopted = 0
+    cursor = 0
+    while True:
+        cursor, entries = await _guard(
+            lambda c=cursor: client.zscan(keys.SESSION_INDEX, c, count=1000)
+        )
+        scored = {member.decode(): score for member, score in entries}
+        tenants = await _read_tenants(client, list(scored))
+        orphans = {sid: scored[sid] for sid, tenant in tenants.items() if tenant is None}
+        if orphans:
+            index = keys.tenant_sessions_key(DEFAULT_TENANT)
+            await _guard(lambda o=orphans, i=index: client.zadd(i, o))
+            for sid in orphans:  # one round trip each, but only once per old session
+                await _guard(lambda s=sid: adopt(keys=[keys.meta_key(s)], args=_ADOPT_ARGS))
+            adopted += len(orphans)
+        if cursor == 0:
+            return adopted
+
+
+async def _read_tenants(client: aioredis.Redis, sids: list[str]) -> dict[str, str | None]:
+    """sid -> the tenant in its meta (None if it has none); sessions that are gone left out."""
+
+    async def run() -> list:
+        async with client.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                pipe.hmget(keys.meta_key(sid), [keys.VERSION_FIELD, TENANT_FIELD])
+            return await pipe.execute()
+
+    replies = await _guard(run) if sids else []
+    return {
+        sid: tenant.decode() if tenant is not None else None
+        for sid, (version, tenant) in zip(sids, replies, strict=True)
+        if version is not None
+    }
+
+
 async def _gone(client: aioredis.Redis, sids: list[str]) -> list[str]:
     """The ids among `sids` whose meta no longer exists."""
     if not sids:
@@ -98,7 +151,3 @@ async def _gone(client: aioredis.Redis, sids: list[str]) -> list[str]:
             return await pipe.execute()
 
     return [sid for sid, alive in zip(sids, await _guard(run), strict=True) if not alive]
-
-
-#: The tenant of every request when the server runs open, and of sessions older than tenants.
-DEFAULT_TENANT = "default"
