@@ -20,7 +20,8 @@ the same cache, so a first `keys create` locks an open server within a second), 
 server listens on anything but loopback. With no key anywhere, a loopback server runs open: every
 request is tenant `default`, and it says so at startup. Once a process has needed keys it keeps
 needing them: revoking every key leaves it refusing everyone, not open. A server on another
-address with no key refuses to start. /healthz, /readyz, /docs and /openapi.json never need a key.
+address with no key refuses to start. /healthz, /readyz, /metrics, /docs and /openapi.json
+never need a key.
 """
 
 from __future__ import annotations
