@@ -18,6 +18,8 @@ from .errors import invalid_session
 
 #: Sessions may not expire sooner than this (a TTL below a round trip would be useless).
 MIN_TTL_MS = 100
+#: Nor later than this (100 years): a longer one means "never", which is null.
+MAX_TTL_S = 100 * 365 * 86_400
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class Lifetime:
             raise invalid_session('"ttl_s" must be a number of seconds or null')
         if not math.isfinite(value):
             raise invalid_session('"ttl_s" must be a number of seconds or null')
+        if value > MAX_TTL_S:  # past it, ms overflow round() or Redis' expire arithmetic (a 500)
+            raise invalid_session(f'"ttl_s" may be at most {MAX_TTL_S} s; null never expires')
         ms = round(value * 1000)
         if ms < MIN_TTL_MS:
             raise invalid_session(f'"ttl_s" must be at least {MIN_TTL_MS / 1000} s')
