@@ -42,11 +42,12 @@ class Lifetime:
             raise invalid_session('"ttl_s" must be a number of seconds or null')
         if not math.isfinite(value):
             raise invalid_session('"ttl_s" must be a number of seconds or null')
-        if value > MAX_TTL_S:  # past it, ms overflow round() or Redis' expire arithmetic (a 500)
+        # Checked before the ms exist: +-1e308 s overflow round() or Redis' expire arithmetic.
+        if value > MAX_TTL_S:
             raise invalid_session(f'"ttl_s" may be at most {MAX_TTL_S} s; null never expires')
-        ms = round(value * 1000)
-        if ms < MIN_TTL_MS:
+        if value < MIN_TTL_MS / 1000:
             raise invalid_session(f'"ttl_s" must be at least {MIN_TTL_MS / 1000} s')
+        ms = max(MIN_TTL_MS, round(value * 1000))
         if self.max_s is not None and value > self.max_s:
             raise invalid_session(f'"ttl_s" may be at most {self.max_s} s on this server')
         return ms
