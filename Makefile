@@ -29,10 +29,15 @@ demo: $(STAMP)
 	$(BIN)/python examples/compare_optimizers.py $(DEMO_ARGS)
 
 # The JS and Go clients' tests run inside pytest against a real server; they need node and go.
+# tests/test_deploy_topology.py runs docker-compose.yml's topology from processes behind Debian's
+# nginx (no Docker engine here).
 tools:
 	@command -v node >/dev/null 2>&1 || echo "node not found: the JS client tests will be skipped"
 	@command -v go >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq golang-go >/dev/null) \
 		|| echo "go could not be installed: the Go client tests will be skipped"
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx \
+		|| (apt-get update -qq && apt-get install -y -qq nginx >/dev/null) \
+		|| echo "nginx could not be installed: the compose-topology tests will be skipped"
 
 test: lint tools
 	$(BIN)/python -m pytest

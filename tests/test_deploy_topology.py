@@ -1,0 +1,242 @@
+"""docker-compose.yml's topology run from processes, since no Docker engine runs here: one
+Valkey, two `optserve serve` replicas, Debian's nginx running deploy/nginx.conf (only its
+upstream servers and listen address changed) in front, and workers that reach the service
+through nginx only.
+
+Which replica served a request is read from nginx's own access log (`upstream=` in the log
+format of deploy/nginx.conf), so these tests depend on no log format of the server.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import pytest
+
+from optserve.api.problems import CODES, TYPE_BASE
+from optserve.config import Settings
+
+from .api_helpers import create, from_json
+from .conftest import ServerProcess, free_port
+from .deploy_files import ROOT, Nginx, block, compose, nginx_config, nginx_size, value
+from .test_concurrency import P0, PUSHES, SHAPES, assert_response_params, grads_of, run_workers
+
+WORKERS = 4
+
+
+@dataclass
+class Topology:
+    nginx: Nginx
+    replicas: list[ServerProcess]
+
+    @property
+    def url(self) -> str:
+        return self.nginx.url
+
+    def upstreams(self, request_line: str) -> list[str]:
+        """The upstream address(es) nginx logged for each request whose line starts so
+        (several, comma-separated, when nginx had to try the next replica)."""
+        pattern = re.compile(rf'"{re.escape(request_line)}[ ?][^"]*" .* upstream=(.+) time=')
+        return pattern.findall(self.nginx.log_path.read_text())
+
+    def address(self, replica: int) -> str:
+        return f"127.0.0.1:{self.replicas[replica].port}"
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        pytest.skip("nginx is not installed and `make tools` could not install Debian's nginx")
+    return found
+
+
+def wait_ready(nginx: Nginx, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert nginx.process.poll() is None, f"nginx exited:\n{nginx.error_log()[-3000:]}"
+        try:
+            if httpx.get(f"{nginx.url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"nginx did not answer within {timeout} s:\n{nginx.error_log()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def topology(valkey_server, tmp_path_factory) -> Iterator[Topology]:
+    binary = nginx_binary()
+    directory = tmp_path_factory.mktemp("topology")
+    replicas = [
+        ServerProcess({"OPTSERVE_REDIS_URL": valkey_server.url}, directory / f"api-{n}.log")
+        for n in (1, 2)
+    ]
+    upstreams = [f"127.0.0.1:{replica.port}" for replica in replicas]
+    nginx = Nginx(binary, directory / "nginx", upstreams, free_port())
+    try:
+        with ThreadPoolExecutor(2) as pool:  # start both at once
+            list(pool.map(ServerProcess.start, replicas))
+        checked = nginx.check()
+        assert checked.returncode == 0, checked.stderr
+        nginx.start()
+        wait_ready(nginx)
+        yield Topology(nginx, replicas)
+    finally:
+        nginx.stop()
+        for replica in replicas:
+            replica.stop()
+
+
+def test_four_workers_through_nginx_end_with_the_exact_sgd_sum(topology, tmp_path):
+    """tests/test_concurrency.py's invariant through the proxy: every push acknowledged once,
+    versions 1..N without gaps, each response's params the state after exactly the pushes up
+    to its version, and the final params p0 - lr * sum(g) exactly."""
+    lr = 0.5
+    with httpx.Client(base_url=topology.url, timeout=30) as client:
+        sid = create(client, {"name": "sgd", "lr": lr}, P0)["id"]
+        records = run_workers([topology.url], sid, tmp_path, workers=WORKERS)
+        session = client.get(f"/v1/sessions/{sid}").json()
+        response = client.get(f"/v1/sessions/{sid}/params")
+        assert response.status_code == 200, response.text
+        final = {name: from_json(spec) for name, spec in response.json()["params"].items()}
+
+    refused = [r for r in records if r["status"] != 200]
+    assert not refused, f"{len(refused)} of {len(records)} pushes refused, e.g. {refused[:3]}"
+    assert sorted(r["version"] for r in records) == list(range(1, WORKERS * PUSHES + 1))
+    assert session["version"] == WORKERS * PUSHES
+
+    expected = {name: P0[name].astype(np.float64) for name in SHAPES}
+    for record in sorted(records, key=lambda r: r["version"]):
+        for name, grad in grads_of(record).items():
+            expected[name] -= lr * grad
+        assert_response_params(record, expected)
+    for name in SHAPES:
+        np.testing.assert_array_equal(final[name], expected[name].astype(np.float32))
+
+    # The session stuck to one replica: nginx sent every one of its pushes to the same one.
+    served = topology.upstreams(f"POST /v1/sessions/{sid}/gradients")
+    assert len(served) == WORKERS * PUSHES and len(set(served)) == 1, set(served)
+    assert served[0] in {topology.address(0), topology.address(1)}
+
+
+def test_each_session_sticks_to_one_replica_and_sessions_spread_over_both(topology):
+    with httpx.Client(base_url=topology.url, timeout=30) as client:
+        sids = [
+            create(client, {"name": "sgd"}, {"w": np.zeros(2, np.float32)})["id"] for _ in range(24)
+        ]
+        for sid in sids:
+            for _ in range(3):
+                client.get(f"/v1/sessions/{sid}").raise_for_status()
+    owners = []
+    for sid in sids:
+        served = topology.upstreams(f"GET /v1/sessions/{sid}")
+        assert len(served) == 3 and len(set(served)) == 1, served
+        owners.append(served[0])
+    replicas = {topology.address(0), topology.address(1)}
+    assert set(owners) == replicas, "consistent hashing put every session on one replica"
+    # A create carries no session id: it may go to either replica, and over 24 it went to both.
+    assert set(topology.upstreams("POST /v1/sessions")) == replicas
+
+
+def test_a_session_fails_over_when_its_replica_is_down(topology):
+    with httpx.Client(base_url=topology.url, timeout=30) as client:
+        sid = create(client, {"name": "sgd", "lr": 1.0}, {"w": np.zeros(2, np.float32)})["id"]
+        grads = {"grads": {"w": {"shape": [2], "data": [1.0, 2.0]}}}
+        assert client.post(f"/v1/sessions/{sid}/gradients", json=grads).json()["version"] == 1
+        (owner,) = set(topology.upstreams(f"POST /v1/sessions/{sid}/gradients"))
+        down = [topology.address(n) for n in (0, 1)].index(owner)
+        topology.replicas[down].kill()
+        try:
+            response = client.post(f"/v1/sessions/{sid}/gradients", json=grads)
+            assert response.status_code == 200, response.text
+            assert response.json()["version"] == 2
+            assert from_json(response.json()["params"]["w"]).tolist() == [-2.0, -4.0]
+        finally:
+            topology.replicas[down].start()
+    tried = topology.upstreams(f"POST /v1/sessions/{sid}/gradients")[-1]
+    assert tried == f"{owner}, {topology.address(1 - down)}"  # nginx tried the owner first
+
+
+def test_the_request_id_is_kept_or_made_and_logged(topology):
+    httpx.get(f"{topology.url}/healthz", headers={"x-request-id": "trace-me-42"}).raise_for_status()
+    httpx.get(f"{topology.url}/readyz").raise_for_status()
+    log = topology.nginx.log_path.read_text()
+    assert re.search(r'"GET /healthz HTTP/1.1" 200 .*request_id=trace-me-42 ', log)
+    assert re.search(r'"GET /readyz HTTP/1.1" 200 .*request_id=[0-9a-f]{32} ', log)
+
+
+def raw_post(url: str, path: str, content_length: int) -> http.client.HTTPResponse:
+    """Send only the headers of a POST with this Content-Length and read the answer (a 413
+    comes before any of the body is needed)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=20)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {content_length}\r\n\r\n"
+    )
+    sock.sendall(head.encode())
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    response.body = response.read()
+    sock.close()
+    return response
+
+
+def test_bodies_too_large_get_the_apps_problem_and_past_nginx_limit_nginx_s(topology):
+    limit = Settings().max_body_bytes
+    nginx_limit = nginx_size(value(block(nginx_config(), "server"), "client_max_body_size"))
+
+    by_app = raw_post(topology.url, "/v1/sessions", limit + 1)
+    assert by_app.status == 413
+    assert by_app.getheader("content-type").startswith("application/problem+json")
+    assert f"body of {limit + 1} bytes is over the {limit} limit" in by_app.body.decode()
+
+    by_nginx = raw_post(topology.url, "/v1/sessions", nginx_limit + 1)
+    assert by_nginx.status == 413
+    assert by_nginx.getheader("content-type") == "application/problem+json"
+    problem = json.loads(by_nginx.body)
+    status, title = CODES["payload_too_large"]
+    assert problem == {
+        "type": f"{TYPE_BASE}payload_too_large",
+        "title": title,
+        "status": status,
+        "detail": problem["detail"],
+        "code": "payload_too_large",
+    }
+    assert "proxy" in problem["detail"]
+
+
+def test_the_compose_demo_trains_through_nginx(topology, tmp_path):
+    """The compose `demo` service's command, as compose gives it, run here against nginx."""
+    spec = compose()
+    demo = spec["services"]["demo"]
+    command = list(demo["command"])
+    assert command[0] == "python"
+    out = command.index("--out") + 1
+    (results,) = [v.split(":")[1] for v in demo["volumes"] if v.split(":")[1] == command[out]]
+    command[0], command[out] = sys.executable, str(tmp_path / "results")
+    env = {**demo["environment"], "OPTSERVE_URL": topology.url}
+    done = subprocess.run(
+        command,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    written = list((tmp_path / "results").iterdir())
+    assert written, f"the demo wrote nothing to {results}"
