@@ -46,11 +46,26 @@ class Topology:
     def url(self) -> str:
         return self.nginx.url
 
-    def upstreams(self, request_line: str) -> list[str]:
+    def upstreams(self, request_line: str, count: int) -> list[str]:
         """The upstream address(es) nginx logged for each request whose line starts so
-        (several, comma-separated, when nginx had to try the next replica)."""
+        (several, comma-separated, when nginx had to try the next replica), once there are
+        `count` of them: nginx logs a request just after its response went out."""
         pattern = re.compile(rf'"{re.escape(request_line)}[ ?][^"]*" .* upstream=(.+) time=')
-        return pattern.findall(self.nginx.log_path.read_text())
+        deadline = time.monotonic() + 5
+        while True:
+            found = pattern.findall(self.nginx.log_path.read_text())
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
+
+    def log_line(self, pattern: str) -> bool:
+        """Whether nginx's access log has (or gets within 5 s) a line matching `pattern`."""
+        deadline = time.monotonic() + 5
+        while not re.search(pattern, self.nginx.log_path.read_text()):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     def address(self, replica: int) -> str:
         return f"127.0.0.1:{self.replicas[replica].port}"
@@ -127,7 +142,7 @@ def test_four_workers_through_nginx_end_with_the_exact_sgd_sum(topology, tmp_pat
         np.testing.assert_array_equal(final[name], expected[name].astype(np.float32))
 
     # The session stuck to one replica: nginx sent every one of its pushes to the same one.
-    served = topology.upstreams(f"POST /v1/sessions/{sid}/gradients")
+    served = topology.upstreams(f"POST /v1/sessions/{sid}/gradients", WORKERS * PUSHES)
     assert len(served) == WORKERS * PUSHES and len(set(served)) == 1, set(served)
     assert served[0] in {topology.address(0), topology.address(1)}
 
@@ -142,13 +157,13 @@ def test_each_session_sticks_to_one_replica_and_sessions_spread_over_both(topolo
                 client.get(f"/v1/sessions/{sid}").raise_for_status()
     owners = []
     for sid in sids:
-        served = topology.upstreams(f"GET /v1/sessions/{sid}")
+        served = topology.upstreams(f"GET /v1/sessions/{sid}", 3)
         assert len(served) == 3 and len(set(served)) == 1, served
         owners.append(served[0])
     replicas = {topology.address(0), topology.address(1)}
     assert set(owners) == replicas, "consistent hashing put every session on one replica"
     # A create carries no session id: it may go to either replica, and over 24 it went to both.
-    assert set(topology.upstreams("POST /v1/sessions")) == replicas
+    assert set(topology.upstreams("POST /v1/sessions", 24)) == replicas
 
 
 def test_a_session_fails_over_when_its_replica_is_down(topology):
@@ -156,7 +171,7 @@ def test_a_session_fails_over_when_its_replica_is_down(topology):
         sid = create(client, {"name": "sgd", "lr": 1.0}, {"w": np.zeros(2, np.float32)})["id"]
         grads = {"grads": {"w": {"shape": [2], "data": [1.0, 2.0]}}}
         assert client.post(f"/v1/sessions/{sid}/gradients", json=grads).json()["version"] == 1
-        (owner,) = set(topology.upstreams(f"POST /v1/sessions/{sid}/gradients"))
+        (owner,) = set(topology.upstreams(f"POST /v1/sessions/{sid}/gradients", 1))
         down = [topology.address(n) for n in (0, 1)].index(owner)
         topology.replicas[down].kill()
         try:
@@ -166,16 +181,15 @@ def test_a_session_fails_over_when_its_replica_is_down(topology):
             assert from_json(response.json()["params"]["w"]).tolist() == [-2.0, -4.0]
         finally:
             topology.replicas[down].start()
-    tried = topology.upstreams(f"POST /v1/sessions/{sid}/gradients")[-1]
+    tried = topology.upstreams(f"POST /v1/sessions/{sid}/gradients", 2)[-1]
     assert tried == f"{owner}, {topology.address(1 - down)}"  # nginx tried the owner first
 
 
 def test_the_request_id_is_kept_or_made_and_logged(topology):
     httpx.get(f"{topology.url}/healthz", headers={"x-request-id": "trace-me-42"}).raise_for_status()
     httpx.get(f"{topology.url}/readyz").raise_for_status()
-    log = topology.nginx.log_path.read_text()
-    assert re.search(r'"GET /healthz HTTP/1.1" 200 .*request_id=trace-me-42 ', log)
-    assert re.search(r'"GET /readyz HTTP/1.1" 200 .*request_id=[0-9a-f]{32} ', log)
+    assert topology.log_line(r'"GET /healthz HTTP/1.1" 200 .*request_id=trace-me-42 ')
+    assert topology.log_line(r'"GET /readyz HTTP/1.1" 200 .*request_id=[0-9a-f]{32} ')
 
 
 def raw_post(url: str, path: str, content_length: int) -> http.client.HTTPResponse:
