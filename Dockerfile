@@ -26,11 +26,12 @@ RUN pip install "/src/clients/python[demo]" \
     && mkdir /results && chown optserve /results
 COPY examples /app/examples
 WORKDIR /app
-USER optserve
+USER 10001
 CMD ["python", "examples/demo_workers.py", "--help"]
 
 # -- server (default) ------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS server
+# The user by number, so that a runtime (e.g. Kubernetes' runAsNonRoot) can tell it is not root.
 # The embedded Valkey (used when OPTSERVE_REDIS_URL is unset) keeps its files in /data.
 ENV PATH=/opt/optserve/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -39,7 +40,7 @@ RUN useradd --system --uid 10001 --create-home --home-dir /home/optserve optserv
     && mkdir /data && chown optserve /data
 COPY --from=build /opt/optserve /opt/optserve
 WORKDIR /home/optserve
-USER optserve
+USER 10001
 VOLUME ["/data"]
 EXPOSE 8000
 # No curl in a slim image: Python's urllib, which fails on a 503 from /readyz (store unreachable).
