@@ -9,11 +9,9 @@ here: its few forms are simpler than another dependency.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -185,12 +183,6 @@ def nginx_config() -> list[dict[str, Any]]:
     return parsed["config"][0]["parsed"]
 
 
-def walk(directives: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    for directive in directives:
-        yield directive
-        yield from walk(directive.get("block", []))
-
-
 def block(directives: list[dict[str, Any]], name: str, *args: str) -> list[dict[str, Any]]:
     """The body of the one block `name args... { }` at this level."""
     (found,) = [
@@ -298,15 +290,3 @@ class Nginx:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-# -- processes ------------------------------------------------------------------------------------
-
-
-def host_env(image_path: str, extra: Mapping[str, str]) -> dict[str, str]:
-    """An environment for running an image's command here: this test run's environment, the
-    image's and compose's variables over it, and the image's PATH pointing at this venv."""
-    env = {**os.environ, **extra}
-    venv_bin = str(Path(sys.executable).parent)
-    env["PATH"] = image_path.replace("$PATH", f"{venv_bin}{os.pathsep}{os.environ['PATH']}")
-    return env
