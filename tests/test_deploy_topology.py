@@ -31,10 +31,21 @@ from optserve.config import Settings
 
 from .api_helpers import create, from_json
 from .conftest import ServerProcess, free_port
-from .deploy_files import ROOT, Nginx, block, compose, nginx_config, nginx_size, value
+from .deploy_files import (
+    ROOT,
+    Nginx,
+    block,
+    compose,
+    named_volumes,
+    nginx_config,
+    nginx_size,
+    service_env,
+    value,
+)
 from .test_concurrency import P0, PUSHES, SHAPES, assert_response_params, grads_of, run_workers
 
 WORKERS = 4
+PUSH_LINE = r'"POST /v1/sessions/\w+/gradients[ ?]'
 
 
 @dataclass
@@ -57,6 +68,10 @@ class Topology:
             if len(found) >= count or time.monotonic() > deadline:
                 return found
             time.sleep(0.02)
+
+    def count(self, pattern: str) -> int:
+        """How many lines of nginx's access log match `pattern`."""
+        return len(re.findall(pattern, self.nginx.log_path.read_text()))
 
     def log_line(self, pattern: str) -> bool:
         """Whether nginx's access log has (or gets within 5 s) a line matching `pattern`."""
@@ -192,41 +207,36 @@ def test_the_request_id_is_kept_or_made_and_logged(topology):
     assert topology.log_line(r'"GET /readyz HTTP/1.1" 200 .*request_id=[0-9a-f]{32} ')
 
 
-def raw_post(url: str, path: str, content_length: int) -> http.client.HTTPResponse:
+def raw_post(url: str, path: str, content_length: int) -> tuple[int, str, bytes]:
     """Send only the headers of a POST with this Content-Length and read the answer (a 413
-    comes before any of the body is needed)."""
+    comes before any of the body is needed): status, content type, body."""
     host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=20)
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {content_length}\r\n\r\n"
-    )
-    sock.sendall(head.encode())
-    response = http.client.HTTPResponse(sock)
-    response.begin()
-    response.body = response.read()
-    sock.close()
-    return response
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {content_length}\r\n\r\n".encode()
+        )
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, response.getheader("content-type"), response.read()
 
 
-def test_bodies_too_large_get_the_apps_problem_and_past_nginx_limit_nginx_s(topology):
+def test_too_large_bodies_get_the_apps_413_and_past_nginx_limit_nginxs_own(topology):
     limit = Settings().max_body_bytes
     nginx_limit = nginx_size(value(block(nginx_config(), "server"), "client_max_body_size"))
 
-    by_app = raw_post(topology.url, "/v1/sessions", limit + 1)
-    assert by_app.status == 413
-    assert by_app.getheader("content-type").startswith("application/problem+json")
-    assert f"body of {limit + 1} bytes is over the {limit} limit" in by_app.body.decode()
+    status, content_type, body = raw_post(topology.url, "/v1/sessions", limit + 1)
+    assert status == 413 and content_type.startswith("application/problem+json")
+    assert f"body of {limit + 1} bytes is over the {limit} limit" in body.decode()  # the app's
 
-    by_nginx = raw_post(topology.url, "/v1/sessions", nginx_limit + 1)
-    assert by_nginx.status == 413
-    assert by_nginx.getheader("content-type") == "application/problem+json"
-    problem = json.loads(by_nginx.body)
-    status, title = CODES["payload_too_large"]
+    status, content_type, body = raw_post(topology.url, "/v1/sessions", nginx_limit + 1)
+    assert status == 413 and content_type == "application/problem+json"
+    problem = json.loads(body)
+    code_status, title = CODES["payload_too_large"]
     assert problem == {
         "type": f"{TYPE_BASE}payload_too_large",
         "title": title,
-        "status": status,
+        "status": code_status,
         "detail": problem["detail"],
         "code": "payload_too_large",
     }
@@ -234,23 +244,23 @@ def test_bodies_too_large_get_the_apps_problem_and_past_nginx_limit_nginx_s(topo
 
 
 def test_the_compose_demo_trains_through_nginx(topology, tmp_path):
-    """The compose `demo` service's command, as compose gives it, run here against nginx."""
-    spec = compose()
-    demo = spec["services"]["demo"]
+    """The compose `demo` service's command, with compose's environment, run here against
+    nginx: it exits 0 (the demo checks its own result) and writes its results."""
+    demo = compose()["services"]["demo"]
     command = list(demo["command"])
     assert command[0] == "python"
     out = command.index("--out") + 1
-    (results,) = [v.split(":")[1] for v in demo["volumes"] if v.split(":")[1] == command[out]]
+    assert command[out] in named_volumes(demo)  # where compose keeps the results
     command[0], command[out] = sys.executable, str(tmp_path / "results")
-    env = {**demo["environment"], "OPTSERVE_URL": topology.url}
+    pushes_before = topology.count(PUSH_LINE)
     done = subprocess.run(
         command,
         cwd=ROOT,
-        env={**os.environ, **env},
+        env={**os.environ, **service_env(demo), "OPTSERVE_URL": topology.url},
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    written = list((tmp_path / "results").iterdir())
-    assert written, f"the demo wrote nothing to {results}"
+    assert list((tmp_path / "results").iterdir()), "the demo wrote no results"
+    assert topology.count(PUSH_LINE) > pushes_before  # it pushed through nginx
