@@ -27,7 +27,8 @@ RUN pip install "/src/clients/python[demo]" \
 COPY examples /app/examples
 WORKDIR /app
 USER 10001
-CMD ["python", "examples/demo_workers.py", "--help"]
+# Workers that reach the service at OPTSERVE_URL with OPTSERVE_API_KEY; results in /results.
+CMD ["python", "examples/demo_workers.py", "--workers", "4", "--out", "/results"]
 
 # -- server (default) ------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS server

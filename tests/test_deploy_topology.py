@@ -36,6 +36,8 @@ from .deploy_files import (
     Nginx,
     block,
     compose,
+    dockerfile_stages,
+    image_command,
     named_volumes,
     nginx_config,
     nginx_size,
@@ -244,10 +246,11 @@ def test_too_large_bodies_get_the_apps_413_and_past_nginx_limit_nginxs_own(topol
 
 
 def test_the_compose_demo_trains_through_nginx(topology, tmp_path):
-    """The compose `demo` service's command, with compose's environment, run here against
-    nginx: it exits 0 (the demo checks its own result) and writes its results."""
+    """The compose `demo` service (the Dockerfile's demo stage's command, with compose's
+    environment) run here against nginx: it exits 0 (the demo checks its own result) and
+    writes its results."""
     demo = compose()["services"]["demo"]
-    command = list(demo["command"])
+    command = image_command(dockerfile_stages()[demo["build"]["target"]])
     assert command[0] == "python"
     out = command.index("--out") + 1
     assert command[out] in named_volumes(demo)  # where compose keeps the results
