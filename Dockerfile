@@ -28,7 +28,7 @@ COPY examples /app/examples
 WORKDIR /app
 USER 10001
 # Workers that reach the service at OPTSERVE_URL with OPTSERVE_API_KEY; results in /results.
-CMD ["python", "examples/demo_workers.py", "--workers", "4", "--out", "/results"]
+CMD ["python", "examples/compare_optimizers.py", "--workers", "4", "--out", "/results"]
 
 # -- server (default) ------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS server
