@@ -30,8 +30,11 @@ from safetensors.numpy import save as st_save
 ST = "application/x-safetensors"
 
 
-def make_pushes(worker: int, count: int, shapes: dict[str, list[int]]) -> list[dict]:
-    rng = np.random.default_rng(1000 + worker)
+def make_pushes(
+    worker: int, count: int, shapes: dict[str, list[int]], seed_base: int = 1000
+) -> list[dict]:
+    """The worker's gradients: multiples of 1/8 (sums are exact in float32), random subsets."""
+    rng = np.random.default_rng(seed_base + worker)
     names = list(shapes)
     pushes = []
     for _ in range(count):

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
+from push_worker import make_pushes, wait_for_barrier  # this script's folder is on sys.path
 
 from optserve_client import Client, OptservError, RetryPolicy
 
@@ -51,30 +50,6 @@ class CountingTransport(httpx.HTTPTransport):
         return response
 
 
-def make_pushes(worker: int, count: int, shapes: dict[str, list[int]]) -> list[dict]:
-    rng = np.random.default_rng(2000 + worker)
-    names = list(shapes)
-    pushes = []
-    for _ in range(count):
-        carried = [name for name in names if rng.random() < 0.75] or [str(rng.choice(names))]
-        pushes.append(
-            {
-                name: (rng.integers(-16, 17, size=shapes[name]) / 8).astype(np.float32)
-                for name in carried
-            }
-        )
-    return pushes
-
-
-def wait_for_barrier(barrier: Path, worker: int, timeout: float = 60.0) -> None:
-    (barrier / f"ready-{worker}").touch()
-    deadline = time.monotonic() + timeout
-    while not (barrier / "go").exists():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"worker {worker}: no go signal within {timeout}s")
-        time.sleep(0.001)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--server", required=True)
@@ -87,7 +62,7 @@ def main() -> None:
     parser.add_argument("--codec", choices=("json", "safetensors"), default="json")
     args = parser.parse_args()
 
-    pushes = make_pushes(args.worker, args.pushes, json.loads(args.tensors))
+    pushes = make_pushes(args.worker, args.pushes, json.loads(args.tensors), seed_base=2000)
     transport = CountingTransport()
     records: list[dict[str, Any]] = []
     client = Client(args.server, retries=POLICY, codec=args.codec, timeout=60, transport=transport)
