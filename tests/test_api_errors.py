@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import numpy as np
 import pytest
@@ -249,6 +251,39 @@ def test_payload_too_large(server_factory, valkey_server):
         )
         assert_problem(response, 413, "payload_too_large")
         assert state(client, sid) == before
+
+
+def test_json_bodies_have_their_own_smaller_limit(server_factory, valkey_server):
+    """JSON is parsed whole into Python objects (many times its size), so it is refused past
+    OPTSERVE_MAX_JSON_BODY_BYTES while the same tensor as safetensors still goes through."""
+    server = server_factory(
+        OPTSERVE_REDIS_URL=valkey_server.url,
+        OPTSERVE_MAX_BODY_BYTES="6000",
+        OPTSERVE_MAX_JSON_BODY_BYTES="2000",
+    )
+    with httpx.Client(base_url=server.url) as client:
+        declared = {"optimizer": {"name": "sgd", "lr": 0.5}, "tensors": {"w": {"shape": [1000]}}}
+        created = client.post("/v1/sessions", json=declared)
+        assert created.status_code == 201, created.text
+        sid = created.json()["id"]
+        before = state(client, sid)
+        as_json = json.dumps({"grads": {"w": tensor(np.zeros(1000, np.float32))}}).encode()
+        assert 2000 < len(as_json) < 6000
+        response = client.post(
+            grads_path(sid), content=as_json, headers={"content-type": "application/json"}
+        )
+        assert_problem(response, 413, "payload_too_large")
+        assert state(client, sid) == before
+
+        as_safetensors = st_body({"w": np.ones(1000, np.float32)})
+        assert 2000 < len(as_safetensors) < 6000
+        response = client.post(
+            grads_path(sid),
+            content=as_safetensors,
+            headers={"content-type": f"{ST}; charset=binary"},
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["version"] == 1
 
 
 def test_store_outage_is_503_and_recovers_without_restart(server_factory, tmp_path):

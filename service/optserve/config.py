@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=256 * 2**20, gt=0, description="Largest request body; larger gets 413."
     )
+    max_json_body_bytes: int = Field(
+        default=32 * 2**20,
+        gt=0,
+        description="Largest JSON request body; larger gets 413. JSON is parsed whole into "
+        "Python objects (up to about 20x its size in memory), so it has a smaller bound than "
+        "safetensors, which is decoded in place.",
+    )
     long_poll_max_s: float = Field(
         default=60.0, gt=0, description="Upper bound of `wait_s` on GET params."
     )

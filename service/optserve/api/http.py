@@ -11,7 +11,14 @@ from fastapi.responses import Response
 
 from ..config import Settings
 from ..engine.sessions import SessionService
-from ..wire import JSON, ResponseFormat, choose_response_format, encode_json, encode_message
+from ..wire import (
+    JSON,
+    SAFETENSORS,
+    ResponseFormat,
+    choose_response_format,
+    encode_json,
+    encode_message,
+)
 from .problems import Problem
 
 
@@ -44,7 +51,10 @@ def response_format(request: Request, dtype: str | None) -> ResponseFormat:
 
 
 async def read_body(request: Request, limit: int) -> bytes | bytearray:
-    """The whole body, refused with 413 as soon as it is known to be over `limit` bytes."""
+    """The whole body, refused with 413 as soon as it is known to be over `limit` bytes (a JSON
+    body: over `max_json_body_bytes`, since parsing it costs many times its size)."""
+    if not is_safetensors(request.headers.get("content-type")):
+        limit = min(limit, request.app.state.settings.max_json_body_bytes)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise Problem("payload_too_large", f"body of {declared} bytes is over the {limit} limit")
@@ -58,6 +68,10 @@ async def read_body(request: Request, limit: int) -> bytes | bytearray:
             raise Problem("payload_too_large", f"body is over the {limit} byte limit")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def is_safetensors(content_type: str | None) -> bool:
+    return (content_type or "").split(";", 1)[0].strip().lower() == SAFETENSORS
 
 
 async def _read_exactly(request: Request, length: int) -> bytes | bytearray:
