@@ -46,8 +46,8 @@ class Settings(BaseSettings):
         default=32 * 2**20,
         gt=0,
         description="Largest JSON request body; larger gets 413. JSON is parsed whole into "
-        "Python objects (up to about 33x its size in memory, measured), so it has a smaller bound than "
-        "safetensors, which is decoded in place.",
+        "Python objects (up to about 33x its size in memory, measured), so it has a smaller "
+        "bound than safetensors, which is decoded in place.",
     )
     long_poll_max_s: float = Field(
         default=60.0, gt=0, description="Upper bound of `wait_s` on GET params."
