@@ -168,3 +168,43 @@ def auth_server(
         yield server
     finally:
         server.stop()
+
+
+# -- both engines ---------------------------------------------------------------------------------
+
+#: The engines the behaviour tests run against (OPTSERVE_ENGINE): the same tests, both engines.
+ENGINES = ["write-through", "hot"]
+#: Short hot-engine leases so that takeover tests wait about a second, not the default two.
+HOT_ENV = {"OPTSERVE_ENGINE": "hot", "OPTSERVE_HOT_LEASE_MS": "1000"}
+
+
+@pytest.fixture(scope="session")
+def hot_api_server(
+    valkey_server: EmbeddedValkey, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """One optserve with the hot engine for the test session, on the shared Valkey."""
+    log = tmp_path_factory.mktemp("api-hot") / "optserve.log"
+    server = ServerProcess({"OPTSERVE_REDIS_URL": valkey_server.url, **HOT_ENV}, log).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """Parametrizes a test over both engines."""
+    return request.param
+
+
+@pytest.fixture
+def engine_env(engine: str, valkey_server: EmbeddedValkey) -> dict[str, str | None]:
+    """server_factory(**engine_env): a server of the test's engine on the shared Valkey."""
+    env: dict[str, str | None] = {"OPTSERVE_REDIS_URL": valkey_server.url}
+    return env | HOT_ENV if engine == "hot" else env
+
+
+@pytest.fixture
+def engine_api_url(engine: str, request: pytest.FixtureRequest) -> str:
+    """The shared server of the test's engine."""
+    return request.getfixturevalue("hot_api_server" if engine == "hot" else "api_server").url

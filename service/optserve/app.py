@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 from anyio import to_thread
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from . import __version__
 from .api import health, monitoring, problems, sessions
+from .api.forward import ForwardToOwner
 from .api.request_log import RequestLogMiddleware
 from .auth import Authenticator
 from .config import Settings, get_settings
 from .engine.events import VersionEvents
+from .engine.hot.service import HotSessionService
 from .engine.lifetime import Lifetime
 from .engine.limits import Limits
 from .engine.sessions import SessionService
 from .metrics import Metrics
 from .store.embedded import EmbeddedValkey
 from .store.errors import StoreUnavailable
+from .store.hot_log import HotLog
 from .store.redis_store import RedisStore
 from .store.sweeper import sweeping
 from .store.tenants import adopt_untenanted
@@ -77,15 +82,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await adopt_untenanted(store.client)
         events = VersionEvents(store.client)
         events.start()
-        service = SessionService(
-            store,
-            group_commit=settings.group_commit,
-            idempotency_ttl_s=settings.idempotency_ttl_s,
-            events=events,
-            lifetime=Lifetime(settings.session_ttl_s, settings.max_session_ttl_s),
-            metrics=metrics,
-            limits=limits_of(settings),
-        )
+        options = {
+            "group_commit": settings.group_commit,
+            "idempotency_ttl_s": settings.idempotency_ttl_s,
+            "events": events,
+            "lifetime": Lifetime(settings.session_ttl_s, settings.max_session_ttl_s),
+            "metrics": metrics,
+            "limits": limits_of(settings),
+        }
+        forward_client: httpx.AsyncClient | None = None
+        if settings.engine == "hot":
+            service: SessionService = _hot_service(settings, store, options)
+            # no read timeout: a forwarded long-poll or sync round waits as long as the owner
+            forward_client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=2.0))
+            app.state.forward_client = forward_client
+        else:
+            service = SessionService(store, **options)
         app.state.store = store
         app.state.service = service
         try:
@@ -93,6 +105,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 yield
         finally:
             await service.close(wait_s=settings.shutdown_timeout_s)
+            if forward_client is not None:
+                await forward_client.aclose()
             await events.stop()
             await store.close()
             if embedded is not None:
@@ -122,6 +136,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ],
             max_age=600,
         )
+    if settings.engine == "hot":  # inside the request log: forwarded requests get an id too
+        app.add_middleware(ForwardToOwner, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestLogMiddleware)  # outermost: every response gets its id
     problems.install(app)
     app.include_router(health.router)
@@ -135,3 +151,20 @@ def release_long_polls(app: FastAPI) -> None:
     service: SessionService | None = getattr(app.state, "service", None)
     if service is not None:
         service.release_long_polls()
+
+
+def _hot_service(settings: Settings, store: RedisStore, options: dict) -> HotSessionService:
+    """The hot engine (OPTSERVE_ENGINE=hot): sessions in memory, pushes logged to Redis."""
+    service = HotSessionService(
+        store,
+        log=HotLog(store.client, fsync_always=store.fsync_always, chunk_bytes=store.chunk_bytes),
+        owner_id=secrets.token_hex(8),
+        url=settings.own_url,
+        lease_ms=settings.hot_lease_ms,
+        snapshot_steps=settings.hot_snapshot_steps,
+        snapshot_s=settings.hot_snapshot_s,
+        **options,
+    )
+    service.start()
+    log.info("hot engine: this process is %s at %s", service.owner_id, service.url)
+    return service

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -113,6 +114,37 @@ class Settings(BaseSettings):
     max_elements_per_session: int = Field(default=2**29, ge=1, description="413 beyond.")
     max_tensor_name_length: int = Field(default=256, ge=1, description="422 beyond.")
     max_sessions_per_tenant: int = Field(default=1_000, ge=1, description="422 beyond.")
+    engine: Literal["write-through", "hot"] = Field(
+        default="write-through",
+        description="write-through: every push reads and writes the state in Redis. hot: the "
+        "owning process keeps the session in memory and logs each push to Redis.",
+    )
+    advertise_url: str | None = Field(
+        default=None,
+        description="hot engine: the URL other replicas forward a session's requests to when "
+        "this process owns it. Unset: http://<host>:<port> (the hostname if bound to all).",
+    )
+    hot_lease_ms: int = Field(
+        default=2_000, ge=100, description="hot engine: ownership lease (takeover after this)."
+    )
+    hot_snapshot_steps: int = Field(
+        default=32, ge=1, description="hot engine: snapshot after this many log entries."
+    )
+    hot_snapshot_s: float = Field(
+        default=5.0, gt=0, description="hot engine: ... or after this many seconds."
+    )
+
+    @property
+    def own_url(self) -> str:
+        """Where other replicas reach this process (the hot engine's forwarding)."""
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
 
     @property
     def is_loopback(self) -> bool:

@@ -52,6 +52,7 @@ CODES: dict[str, tuple[int, str]] = {
     "rate_limited": (429, "Too many requests"),
     "internal_error": (500, "Internal server error"),
     "store_unavailable": (503, "Store unavailable"),
+    "owner_unavailable": (503, "Session owner unavailable"),
     "round_timeout": (504, "Round timed out"),
 }
 

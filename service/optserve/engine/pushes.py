@@ -70,6 +70,9 @@ class BatchRun:
     stepped: set[str] = field(default_factory=set)
     applied: int = 0
     schedule: ScheduleState | None = None
+    #: each applied push in order: (index, the lr it ran with, the schedule after it); the hot
+    #: engine logs these so that replay repeats the step exactly
+    steps: list[tuple[int, float, ScheduleState]] = field(default_factory=list)
 
 
 @dataclass
@@ -142,11 +145,17 @@ def run_pushes(
     states: dict[str, TensorState],
     schedule: ScheduleState,
     version: int,
+    *,
+    copy_last: bool = False,
 ) -> BatchRun:
-    """Apply the planned pushes in order, in place on `params` and `states`."""
+    """Apply the planned pushes in order, in place on `params` and `states`.
+
+    The last push's result shares `params`' arrays unless `copy_last` (the hot engine, whose
+    arrays live on and change under the next batch while the response is being encoded).
+    """
     algorithm, hp = config.algorithm, config.hyperparameters
     run = BatchRun(schedule=schedule)
-    last = plan.todo[-1] if plan.todo else None
+    last = None if copy_last or not plan.todo else plan.todo[-1]
     for index in plan.todo:
         push, grads = pushes[index], plan.grads[index]
         lr = run.schedule.lr
@@ -194,6 +203,7 @@ def run_pushes(
             run.applied += 1
             run.schedule = config.schedule.advance(run.schedule)
             run.stepped.update(result.stepped)
+            run.steps.append((index, lr, run.schedule))
             outcome = PushResult(
                 version,
                 returned(push, params, index != last),

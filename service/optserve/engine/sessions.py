@@ -257,35 +257,13 @@ class SessionService:
 
         A new lr behaves like torch's `group["lr"] = lr`: a running schedule continues from it.
         """
-        allowed = {"optimizer", "clip_grad_norm", "nonfinite", "name", "max_staleness", "staleness"}
-        unknown = set(changes) - allowed - {"ttl_s"}
-        if unknown:
-            raise invalid_session(f"cannot change {', '.join(sorted(unknown))}")
+        self._check_patch(changes)
         ttl_ms = self.lifetime.ttl_ms(changes, creating=False) if "ttl_s" in changes else KEEP
         async with self._lock(sid):
             for _ in range(MAX_COMMIT_ATTEMPTS):
                 snap = await self._meta(sid)
-                config = self.config_of(snap)
                 schedule = ScheduleState.from_dict(orjson.loads(snap.meta["schedule"]))
-                optimizer = changes.get("optimizer", {})
-                if not isinstance(optimizer, Mapping):
-                    raise invalid_session('"optimizer" must be an object of hyperparameters')
-                same_name = optimizer.get("name") == config.optimizer
-                optimizer = {k: v for k, v in optimizer.items() if not (k == "name" and same_name)}
-                config = config.with_hyperparameters(optimizer)
-                if "lr" in optimizer:
-                    schedule = schedule.with_lr(config.hyperparameters["lr"])
-                rebuilt = build_config(
-                    optimizer=config.optimizer_view,
-                    tensors=config.tensors,
-                    name=changes.get("name", config.name),
-                    mode=config.mode,
-                    lr_schedule=config.lr_schedule,
-                    clip_grad_norm=changes.get("clip_grad_norm", config.clip_grad_norm),
-                    nonfinite=changes.get("nonfinite", config.nonfinite),
-                    max_staleness=changes.get("max_staleness", config.max_staleness),
-                    staleness=changes.get("staleness", config.staleness),
-                )
+                rebuilt, schedule = self.patched(self.config_of(snap), schedule, changes)
                 meta = {
                     "config": orjson.dumps(rebuilt.to_json()).decode(),
                     "schedule": orjson.dumps(schedule.to_dict()).decode(),
@@ -299,6 +277,39 @@ class SessionService:
                     raise not_found(sid) from None
                 return await self.get(sid)
         raise EngineError("conflict", "the session kept changing; try again")
+
+    @staticmethod
+    def _check_patch(changes: Mapping[str, Any]) -> None:
+        allowed = {"optimizer", "clip_grad_norm", "nonfinite", "name", "max_staleness", "staleness"}
+        unknown = set(changes) - allowed - {"ttl_s"}
+        if unknown:
+            raise invalid_session(f"cannot change {', '.join(sorted(unknown))}")
+
+    @staticmethod
+    def patched(
+        config: SessionConfig, schedule: ScheduleState, changes: Mapping[str, Any]
+    ) -> tuple[SessionConfig, ScheduleState]:
+        """The config and schedule after a PATCH (validated; raises like build_config)."""
+        optimizer = changes.get("optimizer", {})
+        if not isinstance(optimizer, Mapping):
+            raise invalid_session('"optimizer" must be an object of hyperparameters')
+        same_name = optimizer.get("name") == config.optimizer
+        optimizer = {k: v for k, v in optimizer.items() if not (k == "name" and same_name)}
+        config = config.with_hyperparameters(optimizer)
+        if "lr" in optimizer:
+            schedule = schedule.with_lr(config.hyperparameters["lr"])
+        rebuilt = build_config(
+            optimizer=config.optimizer_view,
+            tensors=config.tensors,
+            name=changes.get("name", config.name),
+            mode=config.mode,
+            lr_schedule=config.lr_schedule,
+            clip_grad_norm=changes.get("clip_grad_norm", config.clip_grad_norm),
+            nonfinite=changes.get("nonfinite", config.nonfinite),
+            max_staleness=changes.get("max_staleness", config.max_staleness),
+            staleness=changes.get("staleness", config.staleness),
+        )
+        return rebuilt, schedule
 
     # -- params ----------------------------------------------------------------------------------
 
@@ -684,44 +695,14 @@ class SessionService:
                     "versions never go back",
                     version=snap.version,
                 )
-            if optimizer is not None:
-                if optimizer.get("name", config.optimizer) != config.optimizer:
-                    raise EngineError(
-                        "invalid_state",
-                        f"state of {optimizer.get('name')!r} cannot load into {config.optimizer!r}",
-                    )
-                config = config.with_hyperparameters(
-                    {k: v for k, v in optimizer.items() if k != "name"}
-                )
-            if lr_schedule is not None and lr_schedule != config.lr_schedule:
-                raise EngineError(
-                    "invalid_state",
-                    f"the state's lr_schedule {lr_schedule} differs from the session's "
-                    f"{config.lr_schedule}; a session's schedule is fixed at creation",
-                )
-            missing = sorted(set(config.tensors) - set(tensors))
-            if missing:
-                raise EngineError("invalid_state", f"state is missing tensors {missing}")
-            unknown = sorted(set(tensors) - set(config.tensors))
-            if unknown:
-                raise EngineError("unknown_tensor", f"the session has no tensors {unknown}")
-            layout = stepped_layout(config.algorithm, config.hyperparameters)
-            writes: dict[str, dict[str, bytes]] = {}
-            for name, entry in tensors.items():
-                shape = config.tensors[name]
-                if "param" not in entry:
-                    raise EngineError("invalid_state", f"tensor {name!r} has no param")
-                state = {k: v for k, v in entry.items() if k != "param"}
-                checked = check_tensor_state(name, state, shape, layout)
-                self._check_known(config, {name: np.asarray(entry["param"])})
-                writes[name] = {"param": to_bytes(entry["param"]), **state_to_fields(checked)}
-            if schedule_state is not None:
-                schedule = ScheduleState.from_dict(schedule_state)
-            else:
-                schedule = ScheduleState.from_dict(orjson.loads(snap.meta["schedule"]))
-                if optimizer is not None and "lr" in optimizer:
-                    # torch's load_state_dict sets group["lr"]: the next step uses it (as PATCH)
-                    schedule = schedule.with_lr(config.hyperparameters["lr"])
+            schedule = ScheduleState.from_dict(orjson.loads(snap.meta["schedule"]))
+            config, checked, schedule = self.prepared_import(
+                config, schedule, tensors, optimizer, schedule_state, lr_schedule
+            )
+            writes = {
+                name: {"param": to_bytes(param), **state_to_fields(state)}
+                for name, (param, state) in checked.items()
+            }
             meta = {
                 "config": orjson.dumps(config.to_json()).decode(),
                 "schedule": orjson.dumps(schedule.to_dict()).decode(),
@@ -743,6 +724,55 @@ class SessionService:
                 ) from None
             except SessionGone:
                 raise not_found(sid) from None
+
+    @classmethod
+    def prepared_import(
+        cls,
+        config: SessionConfig,
+        schedule: ScheduleState,
+        tensors: Mapping[str, Mapping[str, Any]],
+        optimizer: Mapping[str, Any] | None,
+        schedule_state: Mapping[str, Any] | None,
+        lr_schedule: Mapping[str, Any] | None,
+    ) -> tuple[SessionConfig, dict[str, tuple[Any, TensorState]], ScheduleState]:
+        """A state import checked: the new config, each tensor's (param, state), the schedule."""
+        if optimizer is not None:
+            if optimizer.get("name", config.optimizer) != config.optimizer:
+                raise EngineError(
+                    "invalid_state",
+                    f"state of {optimizer.get('name')!r} cannot load into {config.optimizer!r}",
+                )
+            config = config.with_hyperparameters(
+                {k: v for k, v in optimizer.items() if k != "name"}
+            )
+        if lr_schedule is not None and lr_schedule != config.lr_schedule:
+            raise EngineError(
+                "invalid_state",
+                f"the state's lr_schedule {lr_schedule} differs from the session's "
+                f"{config.lr_schedule}; a session's schedule is fixed at creation",
+            )
+        missing = sorted(set(config.tensors) - set(tensors))
+        if missing:
+            raise EngineError("invalid_state", f"state is missing tensors {missing}")
+        unknown = sorted(set(tensors) - set(config.tensors))
+        if unknown:
+            raise EngineError("unknown_tensor", f"the session has no tensors {unknown}")
+        layout = stepped_layout(config.algorithm, config.hyperparameters)
+        checked: dict[str, tuple[Any, TensorState]] = {}
+        for name, entry in tensors.items():
+            shape = config.tensors[name]
+            if "param" not in entry:
+                raise EngineError("invalid_state", f"tensor {name!r} has no param")
+            state = {k: v for k, v in entry.items() if k != "param"}
+            checked_state = check_tensor_state(name, state, shape, layout)
+            cls._check_known(config, {name: np.asarray(entry["param"])})
+            checked[name] = (entry["param"], checked_state)
+        if schedule_state is not None:
+            schedule = ScheduleState.from_dict(schedule_state)
+        elif optimizer is not None and "lr" in optimizer:
+            # torch's load_state_dict sets group["lr"]: the next step uses it (as PATCH)
+            schedule = schedule.with_lr(config.hyperparameters["lr"])
+        return config, checked, schedule
 
     @staticmethod
     def _decode_params(

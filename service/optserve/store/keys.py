@@ -101,3 +101,36 @@ TENANT_SESSIONS_PATTERN = f"{PREFIX}:tenant:*:sessions"
 def rate_limit_key(key_id: str) -> str:
     """One API key's rate-limit state (GCRA: its theoretical arrival time in ms)."""
     return f"{PREFIX}:ratelimit:{key_id}"
+
+
+# -- the hot engine (engine/hot): ownership lease, gradient log, snapshot -------------------------
+
+
+def owner_key(sid: str) -> str:
+    """Which process serves the session from memory: "<fencing token> <owner id> <url>", with a
+    TTL the owner keeps renewing (expired = anyone may take over)."""
+    return f"{session_tag(sid)}:owner"
+
+
+def fence_key(sid: str) -> str:
+    """Counter the fencing tokens come from (INCR): each new owner gets a larger one."""
+    return f"{session_tag(sid)}:fence"
+
+
+def log_key(sid: str) -> str:
+    """Stream: one entry per applied push (or config change) since the snapshot, in order."""
+    return f"{session_tag(sid)}:log"
+
+
+def log_array_key(sid: str, version: int, tensor: str, chunk: int = 0) -> str:
+    """One chunk of the float32 gradient of `tensor` in the push that made `version`."""
+    return f"{session_tag(sid)}:lg:{version}:{chunk}:{tensor}"
+
+
+def log_staged_key(sid: str, token: str, version: int, tensor: str, chunk: int = 0) -> str:
+    """Where an append writes a gradient chunk before the fenced script renames it into place."""
+    return f"{session_tag(sid)}:lgstage:{token}:{version}:{chunk}:{tensor}"
+
+
+#: Meta hash field: JSON {version, log_id, config, schedule} of the arrays stored under array_key.
+SNAPSHOT_FIELD = "snap"

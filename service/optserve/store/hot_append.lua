@@ -1,0 +1,53 @@
+-- Append to a hot session's log, fenced by the owner's token (see store/hot_log.py).
+-- KEYS[1] owner key, KEYS[2] meta hash, KEYS[3] log stream
+-- KEYS[4 .. 3+2p]      p pairs: staged gradient chunk, its log key
+-- next r keys          idempotency records to create (must not exist yet)
+-- ARGV[1] the owner's "token id " prefix; ARGV[2] p; ARGV[3] r; ARGV[4] record TTL (ms)
+-- ARGV[5] events channel; ARGV[6] the new version ('' if unchanged); ARGV[7] n entries
+-- next r values        the records
+-- then n entries       each: c, then c field/value pairs (one XADD each, in order)
+-- the rest             meta field/value pairs to set
+-- Returns {0, entry ids...}; {-4} if the lease is not ours (fenced off); {-1} if the session
+-- is gone; {-3} if a record exists. Nothing is written unless it succeeds.
+local p, r, n = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[7])
+local first_idem = 4 + 2 * p
+local function drop_staged()
+  for i = 1, p do redis.call('DEL', KEYS[2 + 2 * i]) end
+end
+local owner = redis.call('GET', KEYS[1])
+if not owner or string.sub(owner, 1, #ARGV[1]) ~= ARGV[1] then
+  drop_staged()
+  return {-4}
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  drop_staged()
+  return {-1}
+end
+for i = 0, r - 1 do
+  if redis.call('EXISTS', KEYS[first_idem + i]) == 1 then
+    drop_staged()
+    return {-3}
+  end
+end
+for i = 1, p do
+  redis.call('RENAME', KEYS[2 + 2 * i], KEYS[3 + 2 * i])
+  redis.call('PERSIST', KEYS[3 + 2 * i])
+end
+for i = 0, r - 1 do
+  redis.call('SET', KEYS[first_idem + i], ARGV[8 + i], 'PX', ARGV[4])
+end
+local a = 8 + r
+local reply = {0}
+for _ = 1, n do
+  local c = tonumber(ARGV[a])
+  local fields = {}
+  for j = 1, 2 * c do fields[j] = ARGV[a + j] end
+  reply[#reply + 1] = redis.call('XADD', KEYS[3], '*', unpack(fields))
+  a = a + 1 + 2 * c
+end
+for i = a, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[2], 'version', ARGV[6])
+  redis.call('PUBLISH', ARGV[5], ARGV[6])
+end
+return reply

@@ -1,0 +1,35 @@
+-- Write a hot session's snapshot and trim the log behind it, fenced (see store/hot_log.py).
+-- KEYS[1] owner key, KEYS[2] meta hash, KEYS[3] log stream
+-- KEYS[4 .. 3+2p]      p pairs: staged array chunk, live array key
+-- next d keys          keys to delete: array chunks no longer used, gradients the snapshot covers
+-- ARGV[1] the owner's "token id " prefix; ARGV[2] p; ARGV[3] d; ARGV[4] the snapshot field's
+-- JSON; ARGV[5] events channel; ARGV[6] new version ('' if unchanged); ARGV[7] x log entry ids
+-- next x values        log entry ids the snapshot covers (deleted from the stream)
+-- the rest             meta field/value pairs to set (manifests; config and schedule on import)
+-- Returns {0}; {-4} if fenced off; {-1} if the session is gone. Nothing is written otherwise.
+local p, d, x = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[7])
+local function drop_staged()
+  for i = 1, p do redis.call('DEL', KEYS[2 + 2 * i]) end
+end
+local owner = redis.call('GET', KEYS[1])
+if not owner or string.sub(owner, 1, #ARGV[1]) ~= ARGV[1] then
+  drop_staged()
+  return {-4}
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  drop_staged()
+  return {-1}
+end
+for i = 1, p do
+  redis.call('RENAME', KEYS[2 + 2 * i], KEYS[3 + 2 * i])
+  redis.call('PERSIST', KEYS[3 + 2 * i])
+end
+for i = 4 + 2 * p, 3 + 2 * p + d do redis.call('DEL', KEYS[i]) end
+for i = 8, 7 + x do redis.call('XDEL', KEYS[3], ARGV[i]) end
+redis.call('HSET', KEYS[2], 'snap', ARGV[4])
+for i = 8 + x, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[2], 'version', ARGV[6])
+  redis.call('PUBLISH', ARGV[5], ARGV[6])
+end
+return {0}
