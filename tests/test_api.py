@@ -27,8 +27,9 @@ from .api_helpers import (
 
 
 @pytest.fixture
-def client(api_url):
-    with httpx.Client(base_url=api_url, timeout=60) as client:
+def client(engine_api_url):
+    """Every test here runs against both engines (the `engine` fixture's params)."""
+    with httpx.Client(base_url=engine_api_url, timeout=60) as client:
         yield client
 
 
@@ -254,12 +255,12 @@ def test_params_names_etag_and_put_with_if_match(client):
     assert put_st.json() == {"version": 2}
 
 
-def test_long_poll_returns_when_a_push_lands(client, api_url):
+def test_long_poll_returns_when_a_push_lands(client, engine_api_url):
     sid = adam_session(client)
 
     def push_later():
         time.sleep(0.5)
-        with httpx.Client(base_url=api_url) as other:
+        with httpx.Client(base_url=engine_api_url) as other:
             push(other, sid, {"w": np.ones((2, 3), np.float32)})
 
     thread = threading.Thread(target=push_later)

@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +37,23 @@ P0 = {
 
 
 @pytest.fixture
-def two_servers(server_factory, valkey_server):
-    """Two `optserve serve` processes on the test session's one Valkey."""
-    return [server_factory(OPTSERVE_REDIS_URL=valkey_server.url) for _ in range(2)]
+def two_servers(server_factory, engine_env):
+    """Two `optserve serve` processes on the test session's one Valkey, of either engine."""
+    return [server_factory(**engine_env) for _ in range(2)]
 
 
 def run_workers(
-    urls: list[str], sid: str, tmp_path: Path, workers: int = WORKERS, pushes: int = PUSHES
+    urls: list[str],
+    sid: str,
+    tmp_path: Path,
+    workers: int = WORKERS,
+    pushes: int = PUSHES,
+    *,
+    extra: Sequence[str] = (),
+    during: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Start `workers` processes, release them together, return every push they made."""
+    """Start `workers` processes (with `extra` arguments), release them together, run `during`
+    while they push, return every push they made."""
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     procs: list[tuple[subprocess.Popen, Path, Path]] = []
@@ -55,7 +64,7 @@ def run_workers(
                 sys.executable, str(WORKER_SCRIPT), "--servers", *urls, f"--session={sid}",
                 "--worker", str(worker), "--pushes", str(pushes), "--tensors", json.dumps(SHAPES),
                 "--barrier", str(barrier), "--out", str(out),
-                "--wire", "json" if worker % 2 == 0 else "safetensors",
+                "--wire", "json" if worker % 2 == 0 else "safetensors", *extra,
             ]  # fmt: skip
             with open(log, "wb") as log_file:
                 proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
@@ -67,6 +76,8 @@ def run_workers(
             assert time.monotonic() < deadline, "workers did not get ready within 60 s"
             time.sleep(0.01)
         (barrier / "go").touch()  # every worker is connected and waiting: all start together
+        if during is not None:
+            during()
         for proc, _, _ in procs:
             proc.wait(timeout=120)
     finally:

@@ -15,8 +15,9 @@ W0 = np.zeros(4, np.float32)
 
 
 @pytest.fixture
-def client(api_url):
-    with httpx.Client(base_url=api_url, timeout=60) as client:
+def client(engine_api_url):
+    """Every test here runs against both engines (the `engine` fixture's params)."""
+    with httpx.Client(base_url=engine_api_url, timeout=60) as client:
         yield client
 
 
@@ -61,12 +62,12 @@ def test_the_same_key_with_another_body_is_refused(client):
     assert state(client, sid) == before
 
 
-def test_concurrent_requests_with_one_key_apply_once(client, api_url):
+def test_concurrent_requests_with_one_key_apply_once(client, engine_api_url):
     sid = sgd_session(client)
     grad = np.full(4, 0.25, np.float32)
 
     def send(_):
-        with httpx.Client(base_url=api_url, timeout=60) as own:
+        with httpx.Client(base_url=engine_api_url, timeout=60) as own:
             return keyed_push(own, sid, grad, "same-key")
 
     with ThreadPoolExecutor(8) as pool:
@@ -78,10 +79,10 @@ def test_concurrent_requests_with_one_key_apply_once(client, api_url):
     np.testing.assert_array_equal(from_json(params["w"]), W0 - np.float32(0.5) * grad)
 
 
-def test_a_key_is_honoured_by_every_replica(server_factory, valkey_server):
+def test_a_key_is_honoured_by_every_replica(server_factory, engine_env):
     """The record lives in Redis, written with the commit: a retry to another process replays."""
-    first = server_factory(OPTSERVE_REDIS_URL=valkey_server.url)
-    second = server_factory(OPTSERVE_REDIS_URL=valkey_server.url)
+    first = server_factory(**engine_env)
+    second = server_factory(**engine_env)
     with httpx.Client(base_url=first.url) as a, httpx.Client(base_url=second.url) as b:
         sid = sgd_session(a)
         grad = np.ones(4, np.float32)
@@ -144,13 +145,14 @@ def test_staleness_settings_are_validated_and_patchable(client):
 # -- group commit ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("group_commit", ["true", "false"])
+@pytest.mark.parametrize(
+    ("engine", "group_commit"),
+    [("write-through", "true"), ("write-through", "false"), ("hot", "true")],
+)  # the hot engine's path is the same with batches of one: not run twice for time
 def test_concurrent_pushes_lose_nothing_with_group_commit_on_and_off(
-    server_factory, valkey_server, group_commit
+    server_factory, engine_env, group_commit
 ):
-    server = server_factory(
-        OPTSERVE_REDIS_URL=valkey_server.url, OPTSERVE_GROUP_COMMIT=group_commit
-    )
+    server = server_factory(**engine_env, OPTSERVE_GROUP_COMMIT=group_commit)
     with httpx.Client(base_url=server.url) as client:
         sid = create(client, {"name": "adagrad", "lr": 0.5}, {"w": W0})["id"]
     grads = [np.full(4, (k % 8 + 1) / 8, np.float32) for k in range(48)]

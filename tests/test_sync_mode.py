@@ -28,8 +28,8 @@ def post(url: str, sid: str, grads: dict[str, np.ndarray], worker: str) -> httpx
 
 
 @pytest.fixture
-def two_servers(server_factory, valkey_server):
-    return [server_factory(OPTSERVE_REDIS_URL=valkey_server.url) for _ in range(2)]
+def two_servers(server_factory, engine_env):
+    return [server_factory(**engine_env) for _ in range(2)]
 
 
 def test_four_workers_five_rounds_equal_torch_on_the_mean(two_servers):
@@ -66,8 +66,8 @@ def test_four_workers_five_rounds_equal_torch_on_the_mean(two_servers):
             np.testing.assert_allclose(ours, param.detach().numpy(), rtol=1e-6, atol=1e-7)
 
 
-def test_a_timed_out_round_applies_with_min_workers_or_fails(api_url):
-    with httpx.Client(base_url=api_url) as client:
+def test_a_timed_out_round_applies_with_min_workers_or_fails(engine_api_url):
+    with httpx.Client(base_url=engine_api_url) as client:
         mode = {"type": "sync", "workers": 3, "timeout_s": 1.0, "min_workers": 2}
         sid = create(client, {"name": "sgd", "lr": 1.0}, {"w": np.zeros(2, np.float32)}, mode=mode)[
             "id"
@@ -76,36 +76,36 @@ def test_a_timed_out_round_applies_with_min_workers_or_fails(api_url):
     three = {"w": np.full(2, 3, np.float32)}
     started = time.monotonic()
     with ThreadPoolExecutor(2) as pool:
-        a, b = pool.map(lambda g: post(api_url, sid, g[0], g[1]), [(one, "a"), (three, "b")])
+        a, b = pool.map(lambda g: post(engine_api_url, sid, g[0], g[1]), [(one, "a"), (three, "b")])
     assert time.monotonic() - started >= 0.9  # it waited for the third worker until timeout_s
     assert a.status_code == b.status_code == 200
     assert a.json()["round_workers"] == 2 and a.json()["version"] == 1
     np.testing.assert_array_equal(from_json(a.json()["params"]["w"]), [-2, -2])  # mean of 1, 3
 
-    lonely = post(api_url, sid, one, "a")  # 1 push < min_workers 2: nothing is applied
+    lonely = post(engine_api_url, sid, one, "a")  # 1 push < min_workers 2: nothing is applied
     assert_problem(lonely, 504, "round_timeout")
-    with httpx.Client(base_url=api_url) as client:
+    with httpx.Client(base_url=engine_api_url) as client:
         assert client.get(f"/v1/sessions/{sid}").json()["version"] == 1
 
 
-def test_a_worker_pushing_twice_into_one_round_is_refused(api_url):
-    with httpx.Client(base_url=api_url) as client:
+def test_a_worker_pushing_twice_into_one_round_is_refused(engine_api_url):
+    with httpx.Client(base_url=engine_api_url) as client:
         mode = {"type": "sync", "workers": 2, "timeout_s": 20}
         sid = create(client, {"name": "sgd", "lr": 1.0}, {"w": np.zeros(2, np.float32)}, mode=mode)[
             "id"
         ]
     grad = {"w": np.ones(2, np.float32)}
     with ThreadPoolExecutor(3) as pool:
-        first = pool.submit(post, api_url, sid, grad, "same")
+        first = pool.submit(post, engine_api_url, sid, grad, "same")
         time.sleep(0.5)
-        duplicate = post(api_url, sid, grad, "same")
+        duplicate = post(engine_api_url, sid, grad, "same")
         assert_problem(duplicate, 409, "duplicate_in_round")
-        other = pool.submit(post, api_url, sid, grad, "other")
+        other = pool.submit(post, engine_api_url, sid, grad, "other")
         assert first.result().json()["version"] == other.result().json()["version"] == 1
 
 
-def test_sync_mode_is_validated(api_url):
-    with httpx.Client(base_url=api_url) as client:
+def test_sync_mode_is_validated(engine_api_url):
+    with httpx.Client(base_url=engine_api_url) as client:
         for mode in (
             {"type": "sync"},
             {"type": "sync", "workers": 0},
@@ -121,8 +121,8 @@ def test_sync_mode_is_validated(api_url):
             assert_problem(client.post("/v1/sessions", json=body), 422, "invalid_session")
 
 
-def test_a_retried_sync_push_replays_its_round(api_url):
-    with httpx.Client(base_url=api_url, timeout=60) as client:
+def test_a_retried_sync_push_replays_its_round(engine_api_url):
+    with httpx.Client(base_url=engine_api_url, timeout=60) as client:
         mode = {"type": "sync", "workers": 1, "timeout_s": 10}
         sid = create(client, {"name": "sgd", "lr": 1.0}, {"w": np.zeros(2, np.float32)}, mode=mode)[
             "id"

@@ -6,7 +6,9 @@ at the same moment, pushes them over real HTTP (alternating between the servers 
 worker w going to server (w + k) % len(servers)), and writes one JSON document with every push:
 the gradients it sent, the status it got, when it was sent and answered (time.time()) and, when
 acknowledged, the version and the params the server sent back. A push is acknowledged only by a
-200; nothing is retried.
+200; nothing is retried, unless --retry-s: then every push carries an Idempotency-Key and a
+transport error or a 503 is retried (on the next server) until it is acknowledged or the time is
+up, as a real client rides out a failover.
 
     python push_worker.py --servers URL [URL ...] --session SID --worker 3 --pushes 50 \
         --tensors '{"w": [4, 8], "b": [8]}' --barrier DIR --out FILE [--wire json|safetensors]
@@ -93,6 +95,7 @@ def main() -> None:
     parser.add_argument("--barrier", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--wire", choices=("json", "safetensors"), default="json")
+    parser.add_argument("--retry-s", type=float, default=0.0)
     args = parser.parse_args()
 
     pushes = make_pushes(args.worker, args.pushes, json.loads(args.tensors))
@@ -111,17 +114,30 @@ def main() -> None:
                 "grads": {name: g.reshape(-1).tolist() for name, g in grads.items()},
             }
             record["sent"] = time.time()
-            try:
-                response = clients[server].post(path, content=body, headers=headers)
-            except httpx.HTTPError as error:  # not acknowledged: it may or may not have applied
-                record.update(status=None, error=repr(error))
-            else:
-                record["answered"] = time.time()
-                record["status"] = response.status_code
-                if response.status_code == 200:
-                    record["version"], record["params"] = decode(response)
+            if args.retry_s:
+                headers = {**headers, "idempotency-key": f"w{args.worker}-{k}"}
+            deadline = time.monotonic() + args.retry_s
+            while True:
+                try:
+                    response = clients[server].post(path, content=body, headers=headers)
+                except httpx.HTTPError as error:  # not acknowledged: it may or may not have applied
+                    record.update(status=None, error=repr(error))
+                    retry = True
                 else:
-                    record["error"] = response.text[:2000]
+                    record["answered"] = time.time()
+                    record["status"] = response.status_code
+                    if response.status_code == 200:
+                        record["version"], record["params"] = decode(response)
+                        record["replayed"] = "idempotency-replayed" in response.headers
+                        record["params_version"] = int(response.headers["etag"].strip('"'))
+                    else:
+                        record["error"] = response.text[:2000]
+                    retry = response.status_code == 503
+                if not retry or time.monotonic() > deadline:
+                    break
+                record["retries"] = record.get("retries", 0) + 1
+                server = record["server"] = (server + 1) % len(clients)
+                time.sleep(0.05)
             records.append(record)
     finally:
         for client in clients:
