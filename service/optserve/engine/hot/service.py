@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,9 @@ LEASE_MARGIN = 0.8
 REPLAY_PAGE = 8
 #: A batch whose append lost an idempotency race reloads and plans again this often.
 APPLY_ATTEMPTS = 4
+#: A session nobody used for this long is snapshotted and let go (its memory freed; the next
+#: request to any replica takes it over from that snapshot, with no log to replay).
+IDLE_RELEASE_S = 120.0
 
 
 class NotOwner(EngineError):
@@ -199,10 +202,21 @@ class HotSessionService(SessionService):
             await asyncio.sleep(self.lease_ms / 3000)
             for hs in list(self._hot.values()):
                 try:
-                    await self._renew_one(hs)
-                    self._maybe_snapshot(hs)
+                    if await self._renew_one(hs):
+                        self._maybe_snapshot(hs)
+                        await self._release_if_idle(hs)
                 except Exception as error:  # never let one session stop the renewals
                     log.warning("lease renewal of %s: %s", hs.sid, error)
+
+    async def _release_if_idle(self, hs: HotSession) -> None:
+        """Let go of a session unused for IDLE_RELEASE_S once its log is in a snapshot."""
+        if time.monotonic() - hs.used_at < IDLE_RELEASE_S or hs.lock.locked():
+            return
+        if hs.logged or hs.snap_lock.locked():
+            return  # _maybe_snapshot (time-based) has it covered: let go next round
+        self._drop(hs)
+        await self.log.release(hs.sid, hs.holder)
+        log.info("let go of idle session %s at version %d", hs.sid, hs.version)
 
     # -- recovery --------------------------------------------------------------------------------
 
@@ -362,19 +376,27 @@ class HotSessionService(SessionService):
 
     # -- reads and writes that need the arrays ---------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _locked(self, sid: str) -> AsyncIterator[HotSession]:
+        """The owned session under its lock (reloaded if it was dropped while we waited)."""
+        for _ in range(APPLY_ATTEMPTS):
+            hs = await self._own(sid)
+            async with hs.lock:
+                if not hs.lost:
+                    yield hs
+                    return
+        raise owner_unavailable(sid)
+
     async def get_params(self, sid: str, names: list[str] | None = None) -> ParamsResult:
-        hs = await self._own(sid)
-        if names is not None:
-            for name in names:
+        async with self._locked(sid) as hs:
+            for name in names or ():
                 if name not in hs.config.tensors:
                     raise EngineError("unknown_tensor", f"the session has no tensor {name!r}")
-        async with hs.lock:
             params = await to_thread.run_sync(hs.copy_params, names)
             return ParamsResult(hs.version, params)
 
     async def export_state(self, sid: str) -> dict[str, Any]:
-        hs = await self._own(sid)
-        async with hs.lock:
+        async with self._locked(sid) as hs:
 
             def copy() -> dict[str, dict[str, Any]]:
                 tensors: dict[str, dict[str, Any]] = {}
@@ -396,10 +418,7 @@ class HotSessionService(SessionService):
     async def patch(self, sid: str, changes: Mapping[str, Any]) -> dict[str, Any]:
         """A config change is a log entry: replay applies later pushes with the new config."""
         self._check_patch(changes)
-        hs = await self._own(sid)
-        async with hs.lock:
-            if hs.lost:
-                raise owner_unavailable(sid)
+        async with self._locked(sid) as hs:
             config, schedule = self.patched(hs.config, hs.schedule, changes)
             entry = LogConfig(hs.version, _json(config.to_json()), _json(schedule.to_dict()))
             meta = {"config": entry.config, "schedule": entry.schedule, "updated_at": _now()}

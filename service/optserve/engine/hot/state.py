@@ -49,6 +49,7 @@ class HotSession:
     #: log entries since the snapshot: (id, its gradient keys), trimmed with the next snapshot
     logged: list[tuple[str, list[str]]] = field(default_factory=list)
     snapshot_at: float = field(default_factory=time.monotonic)
+    used_at: float = field(default_factory=time.monotonic)
     #: until when this process may serve from memory without hearing from Redis (monotonic)
     lease_until: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
