@@ -205,6 +205,17 @@ def engine_env(engine: str, valkey_server: EmbeddedValkey) -> dict[str, str | No
 
 
 @pytest.fixture
-def engine_api_url(engine: str, request: pytest.FixtureRequest) -> str:
+def engine_api_server(engine: str, request: pytest.FixtureRequest) -> ServerProcess:
     """The shared server of the test's engine."""
-    return request.getfixturevalue("hot_api_server" if engine == "hot" else "api_server").url
+    return request.getfixturevalue("hot_api_server" if engine == "hot" else "api_server")
+
+
+@pytest.fixture
+def engine_api_url(engine_api_server: ServerProcess) -> str:
+    return engine_api_server.url
+
+
+@pytest.fixture
+def two_replicas(engine_api_server, server_factory, engine_env) -> list[ServerProcess]:
+    """Two processes of the test's engine on the shared Valkey: the shared one and a new one."""
+    return [engine_api_server, server_factory(**engine_env)]

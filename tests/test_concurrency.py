@@ -37,9 +37,9 @@ P0 = {
 
 
 @pytest.fixture
-def two_servers(server_factory, engine_env):
+def two_servers(two_replicas):
     """Two `optserve serve` processes on the test session's one Valkey, of either engine."""
-    return [server_factory(**engine_env) for _ in range(2)]
+    return two_replicas
 
 
 def run_workers(

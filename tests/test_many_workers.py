@@ -79,10 +79,9 @@ def test_concurrent_requests_with_one_key_apply_once(client, engine_api_url):
     np.testing.assert_array_equal(from_json(params["w"]), W0 - np.float32(0.5) * grad)
 
 
-def test_a_key_is_honoured_by_every_replica(server_factory, engine_env):
+def test_a_key_is_honoured_by_every_replica(two_replicas):
     """The record lives in Redis, written with the commit: a retry to another process replays."""
-    first = server_factory(**engine_env)
-    second = server_factory(**engine_env)
+    first, second = two_replicas
     with httpx.Client(base_url=first.url) as a, httpx.Client(base_url=second.url) as b:
         sid = sgd_session(a)
         grad = np.ones(4, np.float32)
@@ -150,9 +149,12 @@ def test_staleness_settings_are_validated_and_patchable(client):
     [("write-through", "true"), ("write-through", "false"), ("hot", "true")],
 )  # the hot engine's path is the same with batches of one: not run twice for time
 def test_concurrent_pushes_lose_nothing_with_group_commit_on_and_off(
-    server_factory, engine_env, group_commit
+    server_factory, engine_env, engine_api_server, group_commit
 ):
-    server = server_factory(**engine_env, OPTSERVE_GROUP_COMMIT=group_commit)
+    if group_commit == "true":  # the default: the shared server of the engine has it
+        server = engine_api_server
+    else:
+        server = server_factory(**engine_env, OPTSERVE_GROUP_COMMIT=group_commit)
     with httpx.Client(base_url=server.url) as client:
         sid = create(client, {"name": "adagrad", "lr": 0.5}, {"w": W0})["id"]
     grads = [np.full(4, (k % 8 + 1) / 8, np.float32) for k in range(48)]

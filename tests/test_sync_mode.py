@@ -28,8 +28,8 @@ def post(url: str, sid: str, grads: dict[str, np.ndarray], worker: str) -> httpx
 
 
 @pytest.fixture
-def two_servers(server_factory, engine_env):
-    return [server_factory(**engine_env) for _ in range(2)]
+def two_servers(two_replicas):
+    return two_replicas
 
 
 def test_four_workers_five_rounds_equal_torch_on_the_mean(two_servers):

@@ -4,11 +4,14 @@
 -- next r keys          idempotency records to create (must not exist yet)
 -- ARGV[1] the owner's "token id " prefix; ARGV[2] p; ARGV[3] r; ARGV[4] record TTL (ms)
 -- ARGV[5] events channel; ARGV[6] the new version ('' if unchanged); ARGV[7] n entries
+-- ARGV[8] the version the owner's memory is at (the session's stored version must equal it)
 -- next r values        the records
 -- then n entries       each: c, then c field/value pairs (one XADD each, in order)
 -- the rest             meta field/value pairs to set
 -- Returns {0, entry ids...}; {-4} if the lease is not ours (fenced off); {-1} if the session
--- is gone; {-3} if a record exists. Nothing is written unless it succeeds.
+-- is gone; {-2, stored version} if the store lost writes the owner had (a store restarted
+-- from an older AOF): the owner must reload; {-3} if a record exists. Nothing is written
+-- unless it succeeds.
 local p, r, n = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[7])
 local first_idem = 4 + 2 * p
 local function drop_staged()
@@ -19,9 +22,14 @@ if not owner or string.sub(owner, 1, #ARGV[1]) ~= ARGV[1] then
   drop_staged()
   return {-4}
 end
-if redis.call('EXISTS', KEYS[2]) == 0 then
+local current = redis.call('HGET', KEYS[2], 'version')
+if not current then
   drop_staged()
   return {-1}
+end
+if tonumber(current) ~= tonumber(ARGV[8]) then
+  drop_staged()
+  return {-2, tonumber(current)}
 end
 for i = 0, r - 1 do
   if redis.call('EXISTS', KEYS[first_idem + i]) == 1 then
@@ -34,9 +42,9 @@ for i = 1, p do
   redis.call('PERSIST', KEYS[3 + 2 * i])
 end
 for i = 0, r - 1 do
-  redis.call('SET', KEYS[first_idem + i], ARGV[8 + i], 'PX', ARGV[4])
+  redis.call('SET', KEYS[first_idem + i], ARGV[9 + i], 'PX', ARGV[4])
 end
-local a = 8 + r
+local a = 9 + r
 local reply = {0}
 for _ = 1, n do
   local c = tonumber(ARGV[a])

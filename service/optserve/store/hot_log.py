@@ -41,6 +41,15 @@ class FencedOff(Exception):
     """The lease no longer holds this writer's token: another process owns the session."""
 
 
+class StoreBehind(Exception):
+    """The stored version is not the owner's: the store lost acknowledged writes (restarted from
+    an older AOF). The owner must not write on top of that gap: it reloads from the store."""
+
+    def __init__(self, sid: str, stored: int) -> None:
+        super().__init__(f"{sid}: the store is at version {stored}")
+        self.stored = stored
+
+
 @dataclass(frozen=True)
 class Holder:
     """Who holds a session's lease: fencing token, process id, advertised URL."""
@@ -157,6 +166,7 @@ class HotLog:
         entries: Sequence[LogPush | LogConfig],
         meta: Mapping[str, str],
         *,
+        at: int,
         version: int | None,
         idempotency: Mapping[str, str] | None = None,
         idempotency_ttl_ms: int = 86_400_000,
@@ -164,7 +174,9 @@ class HotLog:
         """Append `entries` (and create the idempotency records, set `meta` and the new
         `version`) in one fenced script; returns each entry's (id, gradient keys). One round
         trip, plus the AOF fsync wait with fsync=always: a push is acknowledged only after it.
-        Raises FencedOff, SessionGone or IdempotencyConflict, and then nothing was written."""
+        `at` is the version the owner's memory was at: if the store is not (it lost writes),
+        StoreBehind. Raises FencedOff, SessionGone, StoreBehind or IdempotencyConflict, and then
+        nothing was written."""
         token = secrets.token_hex(8)
         staged: list[str] = []
         writes: list[tuple[str, memoryview]] = []
@@ -209,6 +221,7 @@ class HotLog:
             keys.events_channel(sid),
             "" if version is None else str(version),
             len(entries),
+            at,
             *records.values(),
             *args_entries,
         ]
@@ -222,6 +235,8 @@ class HotLog:
             raise FencedOff(sid)
         if status == -1:
             raise SessionGone(sid)
+        if status == -2:
+            raise StoreBehind(sid, int(reply[1]))
         if status == -3:
             raise IdempotencyConflict(sid)
         ids = [entry_id.decode() for entry_id in reply[1:]]
@@ -260,12 +275,14 @@ class HotLog:
         covered: Sequence[LogEntry | tuple[str, list[str]]],
         meta: Mapping[str, str] | None = None,
         *,
+        at: int,
         version: int | None = None,
     ) -> dict[str, dict[str, int]]:
         """Replace the stored arrays with `arrays` (every array of every tensor: a tensor's
         arrays not in it are deleted), set the snapshot field, delete the `covered` log entries
         (id, gradient keys) and their gradients: one fenced script. Returns the new manifests.
-        `version` (PUT params/state, which are snapshots) also sets and publishes the version."""
+        `version` (PUT params/state, which are snapshots) also sets and publishes the version;
+        the store must then be at version `at`, else at least at `at` (StoreBehind)."""
         token = secrets.token_hex(8)
         staged: list[str] = []
         writes: list[tuple[str, memoryview]] = []
@@ -305,6 +322,7 @@ class HotLog:
             keys.events_channel(sid),
             "" if version is None else str(version),
             len(ids),
+            at,
             *ids,
         ]
         for name, value in fields.items():
@@ -316,6 +334,8 @@ class HotLog:
             raise FencedOff(sid)
         if int(reply[0]) == -1:
             raise SessionGone(sid)
+        if int(reply[0]) == -2:
+            raise StoreBehind(sid, int(reply[1]))
         return manifests
 
     async def delete(self, sid: str, gradient_keys: Sequence[str]) -> None:

@@ -3,10 +3,13 @@
 -- KEYS[4 .. 3+2p]      p pairs: staged array chunk, live array key
 -- next d keys          keys to delete: array chunks no longer used, gradients the snapshot covers
 -- ARGV[1] the owner's "token id " prefix; ARGV[2] p; ARGV[3] d; ARGV[4] the snapshot field's
--- JSON; ARGV[5] events channel; ARGV[6] new version ('' if unchanged); ARGV[7] x log entry ids
+-- JSON; ARGV[5] events channel; ARGV[6] new version ('' if unchanged); ARGV[7] x log entry ids;
+-- ARGV[8] the lowest stored version this snapshot may be written at (with a new version: the
+-- version it must be at); a store that lost writes is below it
 -- next x values        log entry ids the snapshot covers (deleted from the stream)
 -- the rest             meta field/value pairs to set (manifests; config and schedule on import)
--- Returns {0}; {-4} if fenced off; {-1} if the session is gone. Nothing is written otherwise.
+-- Returns {0}; {-4} if fenced off; {-1} if the session is gone; {-2, stored version} if the
+-- store is behind the snapshot. Nothing is written otherwise.
 local p, d, x = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[7])
 local function drop_staged()
   for i = 1, p do redis.call('DEL', KEYS[2 + 2 * i]) end
@@ -16,18 +19,23 @@ if not owner or string.sub(owner, 1, #ARGV[1]) ~= ARGV[1] then
   drop_staged()
   return {-4}
 end
-if redis.call('EXISTS', KEYS[2]) == 0 then
+local current = redis.call('HGET', KEYS[2], 'version')
+if not current then
   drop_staged()
   return {-1}
+end
+if tonumber(current) < tonumber(ARGV[8]) or (ARGV[6] ~= '' and tonumber(current) ~= tonumber(ARGV[8])) then
+  drop_staged()
+  return {-2, tonumber(current)}
 end
 for i = 1, p do
   redis.call('RENAME', KEYS[2 + 2 * i], KEYS[3 + 2 * i])
   redis.call('PERSIST', KEYS[3 + 2 * i])
 end
 for i = 4 + 2 * p, 3 + 2 * p + d do redis.call('DEL', KEYS[i]) end
-for i = 8, 7 + x do redis.call('XDEL', KEYS[3], ARGV[i]) end
+for i = 9, 8 + x do redis.call('XDEL', KEYS[3], ARGV[i]) end
 redis.call('HSET', KEYS[2], 'snap', ARGV[4])
-for i = 8 + x, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+for i = 9 + x, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[2], 'version', ARGV[6])
   redis.call('PUBLISH', ARGV[5], ARGV[6])

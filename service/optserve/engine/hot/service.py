@@ -36,7 +36,7 @@ from anyio import to_thread
 
 from ...optim.schedules import ScheduleState
 from ...store.errors import IdempotencyConflict, SessionGone, StoreUnavailable
-from ...store.hot_log import FencedOff, Holder, HotLog, LogConfig, LogPush
+from ...store.hot_log import FencedOff, Holder, HotLog, LogConfig, LogPush, StoreBehind
 from ...store.keys import SNAPSHOT_FIELD
 from ...store.redis_store import RedisStore
 from ..errors import EngineError, not_found
@@ -258,7 +258,9 @@ class HotSessionService(SessionService):
         if hs.version != snap.version:
             raise CorruptLog(f"{sid}: replayed to {hs.version}, the session is at {snap.version}")
         if SNAPSHOT_FIELD not in snap.meta:
-            await self.log.write_snapshot(sid, holder, {}, hs.manifests, hs.snapshot_field(), [])
+            await self.log.write_snapshot(
+                sid, holder, {}, hs.manifests, hs.snapshot_field(), [], at=hs.version
+            )
         log.info("took over %s at version %d (%d log entries)", sid, hs.version, len(hs.logged))
         return hs
 
@@ -282,9 +284,9 @@ class HotSessionService(SessionService):
                 version, covered, field = hs.version, list(hs.logged), hs.snapshot_field()
             try:
                 hs.manifests = await self.log.write_snapshot(
-                    hs.sid, hs.holder, arrays, hs.manifests, field, covered
+                    hs.sid, hs.holder, arrays, hs.manifests, field, covered, at=version
                 )
-            except FencedOff:
+            except (FencedOff, StoreBehind):
                 self._drop(hs)
                 return
             except Exception as error:  # the log still has everything: try again later
@@ -300,7 +302,7 @@ class HotSessionService(SessionService):
         arrays = await to_thread.run_sync(hs.snapshot_arrays)
         hs.manifests = await self.log.write_snapshot(
             hs.sid, hs.holder, arrays, hs.manifests, hs.snapshot_field(), list(hs.logged),
-            meta, version=version,
+            meta, at=version - 1, version=version,
         )  # fmt: skip
         hs.snap_version = version
         hs.snapshot_at = time.monotonic()
@@ -354,6 +356,7 @@ class HotSessionService(SessionService):
                     hs.holder,
                     entries,
                     meta,
+                    at=version,
                     version=version + run.applied if run.applied else None,
                     idempotency=run.records,
                     idempotency_ttl_ms=int(self.idempotency_ttl_s * 1000),
@@ -367,11 +370,9 @@ class HotSessionService(SessionService):
         except BaseException as error:
             # memory may be ahead of the log (or the log of memory): reload before serving again
             self._drop(hs)
-            if isinstance(error, FencedOff):
-                raise owner_unavailable(sid) from None
-            if isinstance(error, SessionGone):
-                raise not_found(sid) from None
-            raise
+            if isinstance(error, StoreBehind):
+                log.error("%s: the store lost acknowledged writes; reloading from it", sid)
+            raise self._mapped(sid, error) from None
         return plan.finish(pushes, run, hs.params, hs.version)
 
     # -- reads and writes that need the arrays ---------------------------------------------------
@@ -423,7 +424,9 @@ class HotSessionService(SessionService):
             entry = LogConfig(hs.version, _json(config.to_json()), _json(schedule.to_dict()))
             meta = {"config": entry.config, "schedule": entry.schedule, "updated_at": _now()}
             try:
-                appended = await self.log.append(sid, hs.holder, [entry], meta, version=None)
+                appended = await self.log.append(
+                    sid, hs.holder, [entry], meta, at=hs.version, version=None
+                )
             except BaseException as error:
                 self._drop(hs)
                 raise self._mapped(sid, error) from None
@@ -511,7 +514,7 @@ class HotSessionService(SessionService):
 
     @staticmethod
     def _mapped(sid: str, error: BaseException) -> BaseException:
-        if isinstance(error, FencedOff):
+        if isinstance(error, FencedOff | StoreBehind):
             return owner_unavailable(sid)
         if isinstance(error, SessionGone):
             return not_found(sid)
