@@ -37,6 +37,9 @@ def tagged_keys(raw: redis.Redis, sid: str) -> list[bytes]:
     return sorted(raw.scan_iter(match=f"{keys.session_tag(sid)}:*", count=1000))
 
 
+all_tagged_keys = tagged_keys
+
+
 def wait_until(condition, timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -46,9 +49,10 @@ def wait_until(condition, timeout: float = 5.0) -> bool:
     return True
 
 
-def test_use_renews_and_idleness_removes_every_key(server_factory, redis_url):
-    """Data expires in Redis itself; the idempotency record (own TTL) goes with the sweeper."""
-    server = server_factory(OPTSERVE_REDIS_URL=redis_url, OPTSERVE_SWEEP_INTERVAL_S="0.5")
+def test_use_renews_and_idleness_removes_every_key(server_factory, engine, engine_env, redis_url):
+    """Data expires in Redis itself; the idempotency record (own TTL) goes with the sweeper.
+    Both engines: the hot engine's log, fencing counter and lease expire with the session."""
+    server = server_factory(**engine_env, OPTSERVE_SWEEP_INTERVAL_S="0.5")
     raw = redis.Redis.from_url(redis_url)
     with httpx.Client(base_url=server.url, timeout=30) as client:
         w0 = np.arange(6, dtype=np.float32).reshape(2, 3)
@@ -76,7 +80,9 @@ def test_use_renews_and_idleness_removes_every_key(server_factory, redis_url):
             time.sleep(0.3)
         assert client.get(f"/v1/sessions/{sid}").json()["version"] == 1 + (calls + 2) // 3
         live = tagged_keys(raw, sid)
-        assert any(b":idem:" in k for k in live) and any(b":a:exp_avg:0:b" in k for k in live)
+        # "b"'s state: stored (write-through), or its one gradient in the log until a snapshot
+        b_state = b":a:exp_avg:0:b" if engine == "write-through" else b":lg:1:0:b"
+        assert any(b":idem:" in k for k in live) and any(b_state in k for k in live)
         ttls = {k: raw.pttl(k) for k in live if b":idem:" not in k}
         assert all(0 < t <= 1000 for t in ttls.values()), ttls
         assert sid in [s["id"] for s in client.get("/v1/sessions").json()["sessions"]]
@@ -102,9 +108,14 @@ def test_use_renews_and_idleness_removes_every_key(server_factory, redis_url):
     raw.close()
 
 
-def test_ttl_is_validated_and_changed_by_patch(api_url, redis_url):
+def test_ttl_is_validated_and_changed_by_patch(engine_api_url, redis_url):
+    """Both engines (the hot engine's ownership lease has its own TTL: not counted here)."""
     raw = redis.Redis.from_url(redis_url)
-    with httpx.Client(base_url=api_url, timeout=30) as client:
+
+    def tagged_keys(raw: redis.Redis, sid: str) -> list[bytes]:
+        return [k for k in all_tagged_keys(raw, sid) if not k.endswith(b":owner")]
+
+    with httpx.Client(base_url=engine_api_url, timeout=30) as client:
         for bad in ("soon", 0.01, -1, True):
             response = client.post(
                 "/v1/sessions", json={"optimizer": {"name": "sgd", "lr": 0.1},

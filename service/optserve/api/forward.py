@@ -6,8 +6,9 @@ on Redis the very traffic the hot engine takes off it. Forwarding costs one loop
 and with nginx hashing on the session id it is rare. The body is read once (bounded like every
 body), the owner's response streams back unchanged (status, headers, bytes).
 
-Which requests: push, params (GET incl. long-poll, PUT), state (GET, PUT), PATCH and DELETE of a
-session. Reading a session and listing are served anywhere (the meta hash is current).
+Which requests: push, params (GET incl. long-poll, PUT), state (GET, PUT), GET, PATCH and DELETE
+of a session (a GET renews a session's TTL, which only the owner can do whole). Creating and
+listing are served anywhere.
 A forwarded request is marked and never forwarded again: the receiver serves it or answers 503.
 An owner that does not accept the connection is presumed dead: after its lease lapses this
 process takes the session over and serves the request itself. An owner that fails after it got
@@ -45,7 +46,7 @@ def _needs_owner(scope: Scope) -> str | None:
     match = _OWNED.match(scope["path"])
     if match is None:
         return None
-    if match.group(2) is None and scope["method"] not in ("PATCH", "DELETE"):
+    if match.group(2) is None and scope["method"] not in ("GET", "PATCH", "DELETE"):
         return None
     return match.group(1)
 

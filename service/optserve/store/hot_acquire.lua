@@ -9,12 +9,18 @@ local current = redis.call('GET', KEYS[1])
 if current then
   local _, owner = string.match(current, '^(%S+) (%S+)')
   if owner == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+    local ttl = tonumber(ARGV[3])
+    local left = redis.call('PTTL', KEYS[3])
+    if left > 0 and left < ttl then ttl = left end
+    redis.call('PEXPIRE', KEYS[1], ttl)
     return {1, current}
   end
   return {0, current}
 end
 local token = redis.call('INCR', KEYS[2])
 local holder = token .. ' ' .. ARGV[1] .. ' ' .. ARGV[2]
-redis.call('SET', KEYS[1], holder, 'PX', ARGV[3])
+local ttl = tonumber(ARGV[3])
+local left = redis.call('PTTL', KEYS[3])
+if left > 0 and left < ttl then ttl = left end  -- a lease never outlives its session
+redis.call('SET', KEYS[1], holder, 'PX', ttl)
 return {2, holder}

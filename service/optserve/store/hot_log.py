@@ -126,6 +126,7 @@ class HotLog:
         self._renew = client.register_script(_script("hot_renew.lua"))
         self._append = client.register_script(_script("hot_append.lua"))
         self._snapshot = client.register_script(_script("hot_snapshot.lua"))
+        self._touch = client.register_script(_script("touch.lua"))
 
     # -- the lease -------------------------------------------------------------------------------
 
@@ -148,13 +149,19 @@ class HotLog:
     async def renew(self, sid: str, holder: Holder, ttl_ms: int) -> bool:
         return bool(
             await _guard(
-                lambda: self._renew(keys=[keys.owner_key(sid)], args=[holder.prefix, ttl_ms])
+                lambda: self._renew(
+                    keys=[keys.owner_key(sid), keys.meta_key(sid)], args=[holder.prefix, ttl_ms]
+                )
             )
         )
 
     async def release(self, sid: str, holder: Holder) -> bool:
         return bool(
-            await _guard(lambda: self._renew(keys=[keys.owner_key(sid)], args=[holder.prefix, ""]))
+            await _guard(
+                lambda: self._renew(
+                    keys=[keys.owner_key(sid), keys.meta_key(sid)], args=[holder.prefix, ""]
+                )
+            )
         )
 
     # -- the log ---------------------------------------------------------------------------------
@@ -170,12 +177,17 @@ class HotLog:
         version: int | None,
         idempotency: Mapping[str, str] | None = None,
         idempotency_ttl_ms: int = 86_400_000,
+        renew: Sequence[str] = (),
+        ttl: str = "",
     ) -> list[tuple[str, list[str]]]:
         """Append `entries` (and create the idempotency records, set `meta` and the new
         `version`) in one fenced script; returns each entry's (id, gradient keys). One round
         trip, plus the AOF fsync wait with fsync=always: a push is acknowledged only after it.
         `at` is the version the owner's memory was at: if the store is not (it lost writes),
-        StoreBehind. Raises FencedOff, SessionGone, StoreBehind or IdempotencyConflict, and then
+        StoreBehind. A session with a TTL is used by each append: the meta, the log and the
+        `renew` keys (every array and logged gradient it has) get it again, all in the same
+        script so none expires before the meta; `ttl` changes it ("none" removes it).
+        Raises FencedOff, SessionGone, StoreBehind or IdempotencyConflict, and then
         nothing was written."""
         token = secrets.token_hex(8)
         staged: list[str] = []
@@ -222,6 +234,7 @@ class HotLog:
             "" if version is None else str(version),
             len(entries),
             at,
+            ttl,
             *records.values(),
             *args_entries,
         ]
@@ -229,6 +242,8 @@ class HotLog:
             args += [name, value]
         script_keys = [keys.owner_key(sid), keys.meta_key(sid), keys.log_key(sid), *staged]
         script_keys += [keys.idempotency_key(sid, digest) for digest in records]
+        if renew or ttl:
+            script_keys += [*renew, *(key for keys_ in entry_keys for key in keys_)]
         reply = await self._run(writes, self._append, script_keys, args)
         status = int(reply[0])
         if status == -4:
@@ -277,12 +292,15 @@ class HotLog:
         *,
         at: int,
         version: int | None = None,
+        renew: Sequence[str] | None = None,
+        ttl: str = "",
     ) -> dict[str, dict[str, int]]:
         """Replace the stored arrays with `arrays` (every array of every tensor: a tensor's
         arrays not in it are deleted), set the snapshot field, delete the `covered` log entries
         (id, gradient keys) and their gradients: one fenced script. Returns the new manifests.
         `version` (PUT params/state, which are snapshots) also sets and publishes the version;
-        the store must then be at version `at`, else at least at `at` (StoreBehind)."""
+        the store must then be at version `at`, else at least at `at` (StoreBehind). With
+        `renew` (a session with a TTL) the arrays written and those keys get the TTL again."""
         token = secrets.token_hex(8)
         staged: list[str] = []
         writes: list[tuple[str, memoryview]] = []
@@ -323,12 +341,15 @@ class HotLog:
             "" if version is None else str(version),
             len(ids),
             at,
+            ttl,
             *ids,
         ]
         for name, value in fields.items():
             args += [name, value]
         script_keys = [keys.owner_key(sid), keys.meta_key(sid), keys.log_key(sid)]
         script_keys += [*staged, *deletes]
+        if renew is not None or ttl:
+            script_keys += [*(renew or ()), *staged[1::2]]
         reply = await self._run(writes, self._snapshot, script_keys, args)
         if int(reply[0]) == -4:
             raise FencedOff(sid)
@@ -337,6 +358,12 @@ class HotLog:
         if int(reply[0]) == -2:
             raise StoreBehind(sid, int(reply[1]))
         return manifests
+
+    async def touch(self, sid: str, version: int, renew: Sequence[str]) -> bool:
+        """A read is a use: renew the TTL of the meta, the log and the `renew` keys (the
+        store's touch script). False if the session is gone (or at another version)."""
+        script_keys = [keys.meta_key(sid), keys.log_key(sid), *renew]
+        return bool(await _guard(lambda: self._touch(keys=script_keys, args=[version])))
 
     async def delete(self, sid: str, gradient_keys: Sequence[str]) -> None:
         """Remove the log, its gradients, the lease and the fencing counter (session deleted)."""

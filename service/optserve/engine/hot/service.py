@@ -35,10 +35,11 @@ import orjson
 from anyio import to_thread
 
 from ...optim.schedules import ScheduleState
+from ...store import keys
 from ...store.errors import IdempotencyConflict, SessionGone, StoreUnavailable
 from ...store.hot_log import FencedOff, Holder, HotLog, LogConfig, LogPush, StoreBehind
-from ...store.keys import SNAPSHOT_FIELD
-from ...store.redis_store import RedisStore
+from ...store.keys import SNAPSHOT_FIELD, TTL_FIELD
+from ...store.redis_store import KEEP, RedisStore
 from ..errors import EngineError, not_found
 from ..pushes import PushRequest, PushResult, run_pushes
 from ..session_config import SessionConfig
@@ -250,6 +251,7 @@ class HotSessionService(SessionService):
             snap_version=info["version"],
             manifests={k: dict(v) for k, v in snap.manifests.items()},
             last_id=info["log_id"],
+            ttl_ms=int(snap.meta[TTL_FIELD]) if snap.meta.get(TTL_FIELD) else None,
         )
         after = hs.last_id
         while entries := await self.log.read(sid, after, REPLAY_PAGE):
@@ -258,9 +260,12 @@ class HotSessionService(SessionService):
         if hs.version != snap.version:
             raise CorruptLog(f"{sid}: replayed to {hs.version}, the session is at {snap.version}")
         if SNAPSHOT_FIELD not in snap.meta:
+            renew = self._renew_keys(hs) if hs.ttl_ms is not None else None
             await self.log.write_snapshot(
-                sid, holder, {}, hs.manifests, hs.snapshot_field(), [], at=hs.version
+                sid, holder, {}, hs.manifests, hs.snapshot_field(), [], at=hs.version, renew=renew
             )
+        else:
+            await self._touch(hs)
         log.info("took over %s at version %d (%d log entries)", sid, hs.version, len(hs.logged))
         return hs
 
@@ -275,34 +280,78 @@ class HotSessionService(SessionService):
             hs.snapshot_task = asyncio.create_task(self._snapshot(hs))
 
     async def _snapshot(self, hs: HotSession) -> None:
-        """Copy under the lock (pushes wait a memcpy), write outside it (pushes go on)."""
+        """Copy under the lock (pushes wait a memcpy), write outside it (pushes go on).
+
+        A session with a TTL writes under the lock too: the snapshot renews the expiry of
+        every key the session has, so no append may change that set meanwhile.
+        """
         async with hs.snap_lock:
             async with hs.lock:
                 if hs.lost:
                     return
                 arrays = await to_thread.run_sync(hs.snapshot_arrays)
                 version, covered, field = hs.version, list(hs.logged), hs.snapshot_field()
-            try:
-                hs.manifests = await self.log.write_snapshot(
-                    hs.sid, hs.holder, arrays, hs.manifests, field, covered, at=version
-                )
-            except (FencedOff, StoreBehind):
-                self._drop(hs)
-                return
-            except Exception as error:  # the log still has everything: try again later
-                log.warning("snapshot of %s failed: %s", hs.sid, error)
-                hs.snapshot_at = time.monotonic()
-                return
-            hs.snap_version = version
-            hs.snapshot_at = time.monotonic()
-            del hs.logged[: len(covered)]
+                if hs.ttl_ms is not None:
+                    await self._write_snapshot(hs, arrays, version, covered, field)
+                    return
+            await self._write_snapshot(hs, arrays, version, covered, field)
 
-    async def _write_now(self, hs: HotSession, meta: Mapping[str, str], version: int) -> None:
+    async def _write_snapshot(
+        self,
+        hs: HotSession,
+        arrays: dict[str, dict[str, Any]],
+        version: int,
+        covered: list[tuple[str, list[str]]],
+        field: str,
+    ) -> None:
+        renew = None
+        if hs.ttl_ms is not None:
+            renew = [key for _, keys_ in hs.logged[len(covered) :] for key in keys_]
+        try:
+            hs.manifests = await self.log.write_snapshot(
+                hs.sid, hs.holder, arrays, hs.manifests, field, covered, at=version, renew=renew
+            )
+        except (FencedOff, StoreBehind):
+            self._drop(hs)
+            return
+        except Exception as error:  # the log still has everything: try again later
+            log.warning("snapshot of %s failed: %s", hs.sid, error)
+            hs.snapshot_at = time.monotonic()
+            return
+        hs.snap_version = version
+        hs.snapshot_at = time.monotonic()
+        del hs.logged[: len(covered)]
+
+    def _renew_keys(self, hs: HotSession, *, always: bool = False) -> list[str]:
+        """Every array and logged gradient key of a session with a TTL (each use renews them
+        all with the meta, so none expires first); nothing for a session without one."""
+        if hs.ttl_ms is None and not always:
+            return []
+        arrays = [
+            keys.array_key(hs.sid, tensor, name, index)
+            for tensor, counts in hs.manifests.items()
+            for name, count in counts.items()
+            for index in range(count)
+        ]
+        logged = [key for _, keys_ in hs.logged for key in keys_]
+        return [keys.fence_key(hs.sid), *arrays, *logged]
+
+    async def _touch(self, hs: HotSession) -> bool:
+        """Any use renews a TTL (under the session lock: the key set is stable). False: the
+        session expired in Redis (the memory copy is dropped)."""
+        if hs.ttl_ms is None or await self.log.touch(hs.sid, hs.version, self._renew_keys(hs)):
+            return True
+        self._drop(hs)
+        return False
+
+    async def _write_now(
+        self, hs: HotSession, meta: Mapping[str, str], old: int, version: int
+    ) -> None:
         """A snapshot that is the write itself (PUT params/state): acknowledged after it."""
         arrays = await to_thread.run_sync(hs.snapshot_arrays)
         hs.manifests = await self.log.write_snapshot(
             hs.sid, hs.holder, arrays, hs.manifests, hs.snapshot_field(), list(hs.logged),
-            meta, at=version - 1, version=version,
+            meta, at=old, version=version, renew=[] if hs.ttl_ms is not None else None,
         )  # fmt: skip
         hs.snap_version = version
         hs.snapshot_at = time.monotonic()
@@ -360,6 +409,7 @@ class HotSessionService(SessionService):
                     version=version + run.applied if run.applied else None,
                     idempotency=run.records,
                     idempotency_ttl_ms=int(self.idempotency_ttl_s * 1000),
+                    renew=self._renew_keys(hs),
                 )
                 hs.logged += appended
                 if appended:
@@ -378,14 +428,22 @@ class HotSessionService(SessionService):
     # -- reads and writes that need the arrays ---------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _locked(self, sid: str) -> AsyncIterator[HotSession]:
-        """The owned session under its lock (reloaded if it was dropped while we waited)."""
+    async def _locked(self, sid: str, *, snapshots: bool = False) -> AsyncIterator[HotSession]:
+        """The owned session under its lock (and its snapshot lock first, for a write that is
+        a snapshot), reloaded if it was dropped while we waited; a use, so a TTL is renewed
+        (and an expired session is 404 even if its copy is still in memory)."""
         for _ in range(APPLY_ATTEMPTS):
             hs = await self._own(sid)
-            async with hs.lock:
-                if not hs.lost:
-                    yield hs
-                    return
+            async with contextlib.AsyncExitStack() as stack:
+                if snapshots:
+                    await stack.enter_async_context(hs.snap_lock)
+                await stack.enter_async_context(hs.lock)
+                if hs.lost:
+                    continue
+                if not await self._touch(hs):
+                    raise not_found(sid)
+                yield hs
+                return
         raise owner_unavailable(sid)
 
     async def get_params(self, sid: str, names: list[str] | None = None) -> ParamsResult:
@@ -395,6 +453,13 @@ class HotSessionService(SessionService):
                     raise EngineError("unknown_tensor", f"the session has no tensor {name!r}")
             params = await to_thread.run_sync(hs.copy_params, names)
             return ParamsResult(hs.version, params)
+
+    async def get(self, sid: str) -> dict[str, Any]:
+        """The session's view (its meta is current on every replica), here at its owner, so
+        that the read renews a TTL on every key (api/forward.py sends it here)."""
+        async with self._locked(sid):
+            pass
+        return self.view(await self._meta(sid))
 
     async def export_state(self, sid: str) -> dict[str, Any]:
         async with self._locked(sid) as hs:
@@ -419,28 +484,31 @@ class HotSessionService(SessionService):
     async def patch(self, sid: str, changes: Mapping[str, Any]) -> dict[str, Any]:
         """A config change is a log entry: replay applies later pushes with the new config."""
         self._check_patch(changes)
+        ttl_ms = self.lifetime.ttl_ms(changes, creating=False) if "ttl_s" in changes else KEEP
         async with self._locked(sid) as hs:
             config, schedule = self.patched(hs.config, hs.schedule, changes)
             entry = LogConfig(hs.version, _json(config.to_json()), _json(schedule.to_dict()))
             meta = {"config": entry.config, "schedule": entry.schedule, "updated_at": _now()}
+            ttl = "" if ttl_ms is KEEP else "none" if ttl_ms is None else str(ttl_ms)
+            renew = self._renew_keys(hs, always=bool(ttl))
             try:
                 appended = await self.log.append(
-                    sid, hs.holder, [entry], meta, at=hs.version, version=None
-                )
+                    sid, hs.holder, [entry], meta, at=hs.version, version=None,
+                    renew=renew, ttl=ttl,
+                )  # fmt: skip
             except BaseException as error:
                 self._drop(hs)
                 raise self._mapped(sid, error) from None
             hs.config, hs.schedule, hs.last_id = config, schedule, appended[-1][0]
             hs.logged += appended
+            if ttl:
+                hs.ttl_ms = ttl_ms
         return await self.get(sid)
 
     async def put_params(
         self, sid: str, params: Mapping[str, np.ndarray], if_match: int | None
     ) -> int:
-        hs = await self._own(sid)
-        async with hs.snap_lock, hs.lock:
-            if hs.lost:
-                raise owner_unavailable(sid)
+        async with self._locked(sid, snapshots=True) as hs:
             self._check_known(hs.config, params)
             _reject_non_finite(params, "params")
             if if_match is not None and if_match != hs.version:
@@ -453,7 +521,7 @@ class HotSessionService(SessionService):
                 for name, array in params.items():
                     hs.params[name] = np.array(array, dtype=np.float32, order="C")
                 hs.version += 1
-                await self._write_now(hs, {"updated_at": _now()}, hs.version)
+                await self._write_now(hs, {"updated_at": _now()}, hs.version - 1, hs.version)
             except BaseException as error:
                 self._drop(hs)
                 raise self._mapped(sid, error) from None
@@ -468,15 +536,20 @@ class HotSessionService(SessionService):
         schedule_state: Mapping[str, Any] | None = None,
         lr_schedule: Mapping[str, Any] | None = None,
         if_match: int | None = None,
+        version: int | None = None,
     ) -> int:
-        hs = await self._own(sid)
-        async with hs.snap_lock, hs.lock:
-            if hs.lost:
-                raise owner_unavailable(sid)
+        async with self._locked(sid, snapshots=True) as hs:
             if if_match is not None and if_match != hs.version:
                 raise EngineError(
                     "precondition_failed",
                     f"If-Match {if_match} but the session is at version {hs.version}",
+                    version=hs.version,
+                )
+            if version is not None and version <= hs.version:
+                raise EngineError(
+                    "invalid_state",
+                    f"the state's version {version} is not past the session's {hs.version}; "
+                    "versions never go back",
                     version=hs.version,
                 )
             config, checked, schedule = self.prepared_import(
@@ -490,21 +563,20 @@ class HotSessionService(SessionService):
                         hs.states[name] = state
                     else:
                         hs.states.pop(name, None)
-                hs.version += 1
+                old, hs.version = hs.version, hs.version + 1 if version is None else version
                 meta = {
                     "config": _json(config.to_json()),
                     "schedule": _json(schedule.to_dict()),
                     "updated_at": _now(),
                 }
-                await self._write_now(hs, meta, hs.version)
+                await self._write_now(hs, meta, old, hs.version)
             except BaseException as error:
                 self._drop(hs)
                 raise self._mapped(sid, error) from None
             return hs.version
 
     async def delete(self, sid: str) -> None:
-        hs = await self._own(sid)
-        async with hs.snap_lock, hs.lock:
+        async with self._locked(sid, snapshots=True) as hs:
             self._modes.pop(sid, None)
             gradient_keys = [key for _, keys in hs.logged for key in keys]
             self._drop(hs)

@@ -58,6 +58,8 @@ class HotSession:
     snapshot_task: asyncio.Task | None = None
     #: set when the session left this process (lease lost, append failed): never serve it again
     lost: bool = False
+    #: the session's idle TTL (None: it never expires); every use renews all its keys
+    ttl_ms: int | None = None
 
     def copy_params(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
         return {n: self.params[n].copy() for n in (names if names is not None else self.params)}
