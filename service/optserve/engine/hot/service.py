@@ -109,14 +109,15 @@ class HotSessionService(SessionService):
     def start(self) -> None:
         self._renewer = asyncio.create_task(self._renew_loop(), name="optserve-hot-leases")
 
-    async def close(self) -> None:
-        """Stop renewing, let the snapshots in flight finish, give every lease back (another
-        replica takes over at once instead of after the lease expires)."""
+    async def close(self, wait_s: float = 30.0) -> None:
+        """Let queued pushes commit (the base class), stop renewing, let the snapshots in
+        flight finish, give every lease back (another replica takes over at once instead of
+        after the lease expires)."""
+        await super().close(wait_s=wait_s)
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
-        await super().close()
         for hs in list(self._hot.values()):
             with contextlib.suppress(Exception):
                 if hs.snapshot_task is not None:
@@ -417,6 +418,10 @@ class HotSessionService(SessionService):
                 if run.applied:
                     hs.version = version + run.applied
                     hs.schedule = run.schedule
+                    self.metrics.updates_applied.labels(config.mode.get("type", "async")).inc(
+                        run.applied
+                    )
+                    self.metrics.group_commit_updates.observe(run.applied)
         except BaseException as error:
             # memory may be ahead of the log (or the log of memory): reload before serving again
             self._drop(hs)
