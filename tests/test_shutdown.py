@@ -67,10 +67,10 @@ def wait_for_version(client: httpx.Client, sid: str, version: int) -> None:
         time.sleep(0.005)
 
 
-def test_sigterm_during_pushes_loses_no_acknowledged_push(server_factory, redis_url, tmp_path):
-    server = server_factory(
-        OPTSERVE_REDIS_URL=redis_url, OPTSERVE_SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S)
-    )
+def test_sigterm_during_pushes_loses_no_acknowledged_push(server_factory, engine_env, tmp_path):
+    """Both engines: the hot engine's owner hands its sessions back on the way out, and the
+    restarted server takes them over from snapshot + log."""
+    server = server_factory(**engine_env, OPTSERVE_SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_TIMEOUT_S))
     assert server.process is not None
     with httpx.Client(base_url=server.url, timeout=30) as client:
         sid = create(client, {"name": "sgd", "lr": LR}, P0)["id"]
@@ -114,7 +114,7 @@ def test_sigterm_during_pushes_loses_no_acknowledged_push(server_factory, redis_
     assert [r["version"] for r in acked] == list(range(1, len(acked) + 1))
 
     # a new server on the same store: every acknowledged step is there, and only those
-    restarted = server_factory(OPTSERVE_REDIS_URL=redis_url)
+    restarted = server_factory(**engine_env)
     with httpx.Client(base_url=restarted.url, timeout=30) as client:
         response = client.get(f"/v1/sessions/{sid}/params")
     assert response.status_code == 200, response.text
