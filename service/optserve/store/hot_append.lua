@@ -6,6 +6,7 @@
 -- ARGV[5] events channel; ARGV[6] the new version ('' if unchanged); ARGV[7] n entries
 -- ARGV[8] the version the owner's memory is at (the session's stored version must equal it)
 -- ARGV[9] the session's TTL: '' keeps it, 'none' removes it, else the new TTL in ms
+-- ARGV[10] the ownership lease in ms: an append renews it (never past the session's own TTL)
 -- the keys after the records: every key of the session to renew with its TTL (a use)
 -- next r values        the records
 -- then n entries       each: c, then c field/value pairs (one XADD each, in order)
@@ -44,9 +45,9 @@ for i = 1, p do
   redis.call('PERSIST', KEYS[3 + 2 * i])
 end
 for i = 0, r - 1 do
-  redis.call('SET', KEYS[first_idem + i], ARGV[10 + i], 'PX', ARGV[4])
+  redis.call('SET', KEYS[first_idem + i], ARGV[11 + i], 'PX', ARGV[4])
 end
-local a = 10 + r
+local a = 11 + r
 local reply = {0}
 for _ = 1, n do
   local c = tonumber(ARGV[a])
@@ -76,4 +77,8 @@ if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[2], 'version', ARGV[6])
   redis.call('PUBLISH', ARGV[5], ARGV[6])
 end
+local lease = tonumber(ARGV[10])
+local left = redis.call('PTTL', KEYS[2])
+if left > 0 and left < lease then lease = left end
+redis.call('PEXPIRE', KEYS[1], lease)
 return reply

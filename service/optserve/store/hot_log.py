@@ -179,6 +179,7 @@ class HotLog:
         idempotency_ttl_ms: int = 86_400_000,
         renew: Sequence[str] = (),
         ttl: str = "",
+        lease_ms: int = 2_000,
     ) -> list[tuple[str, list[str]]]:
         """Append `entries` (and create the idempotency records, set `meta` and the new
         `version`) in one fenced script; returns each entry's (id, gradient keys). One round
@@ -186,7 +187,8 @@ class HotLog:
         `at` is the version the owner's memory was at: if the store is not (it lost writes),
         StoreBehind. A session with a TTL is used by each append: the meta, the log and the
         `renew` keys (every array and logged gradient it has) get it again, all in the same
-        script so none expires before the meta; `ttl` changes it ("none" removes it).
+        script so none expires before the meta; `ttl` changes it ("none" removes it). The
+        lease is renewed for `lease_ms` too: a busy owner keeps it without the renewal loop.
         Raises FencedOff, SessionGone, StoreBehind or IdempotencyConflict, and then
         nothing was written."""
         token = secrets.token_hex(8)
@@ -235,6 +237,7 @@ class HotLog:
             len(entries),
             at,
             ttl,
+            lease_ms,
             *records.values(),
             *args_entries,
         ]

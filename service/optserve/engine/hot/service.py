@@ -60,6 +60,10 @@ APPLY_ATTEMPTS = 4
 IDLE_RELEASE_S = 120.0
 
 
+class _Fenced(Exception):
+    """A batch's append was fenced off (nothing written): try it again after a reload."""
+
+
 class NotOwner(EngineError):
     """Another live process owns the session; `url` is where it serves."""
 
@@ -372,8 +376,11 @@ class HotSessionService(SessionService):
                     continue
                 try:
                     results = await self._apply_locked(hs, pushes)
-                except IdempotencyConflict:
-                    continue  # a record landed meanwhile (a sync round): plan again, reloaded
+                except (IdempotencyConflict, _Fenced):
+                    # nothing was written: a record landed meanwhile (a sync round), or the lease
+                    # lapsed (a stalled process); reload and plan again, here if the session is
+                    # still ours to take (else NotOwner: 503, for the client to retry)
+                    continue
             if results is not None:
                 self._maybe_snapshot(hs)
                 return results
@@ -401,6 +408,7 @@ class HotSessionService(SessionService):
                 meta = {"updated_at": _now()}
                 if run.applied:
                     meta["schedule"] = _json(run.schedule.to_dict())
+                started = time.monotonic()
                 appended = await self.log.append(
                     sid,
                     hs.holder,
@@ -411,7 +419,9 @@ class HotSessionService(SessionService):
                     idempotency=run.records,
                     idempotency_ttl_ms=int(self.idempotency_ttl_s * 1000),
                     renew=self._renew_keys(hs),
+                    lease_ms=self.lease_ms,
                 )
+                hs.lease_until = max(hs.lease_until, started + self.lease_ms / 1000 * LEASE_MARGIN)
                 hs.logged += appended
                 if appended:
                     hs.last_id = appended[-1][0]
@@ -427,6 +437,8 @@ class HotSessionService(SessionService):
             self._drop(hs)
             if isinstance(error, StoreBehind):
                 log.error("%s: the store lost acknowledged writes; reloading from it", sid)
+            if isinstance(error, FencedOff):
+                raise _Fenced from None
             raise self._mapped(sid, error) from None
         return plan.finish(pushes, run, hs.params, hs.version)
 
@@ -499,7 +511,7 @@ class HotSessionService(SessionService):
             try:
                 appended = await self.log.append(
                     sid, hs.holder, [entry], meta, at=hs.version, version=None,
-                    renew=renew, ttl=ttl,
+                    renew=renew, ttl=ttl, lease_ms=self.lease_ms,
                 )  # fmt: skip
             except BaseException as error:
                 self._drop(hs)
