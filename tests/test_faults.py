@@ -38,7 +38,7 @@ from optserve.store import keys, redis_store
 from optserve.store.embedded import EmbeddedValkey
 
 from .api_helpers import ST, assert_problem, create, from_json, push, st_body, st_parse, tensor
-from .conftest import ServerProcess, free_port
+from .conftest import ENGINES, HOT_ENV, ServerProcess, free_port
 
 WORKER_SCRIPT = Path(__file__).parent / "workers" / "retry_worker.py"
 LR = 0.5
@@ -356,15 +356,19 @@ def finish_workers(procs: list[tuple[subprocess.Popen, Path, Path]]) -> list[dic
     return records
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 def test_workers_finish_exactly_through_store_and_api_kills(
-    store: KillableStore, server_factory, tmp_path: Path
+    store: KillableStore, server_factory, tmp_path: Path, engine: str
 ):
     """8 worker processes push through the Python client's retries while the store is SIGKILLed
     and restarted (AOF, fsync=always), then the API, then both at once. Every push is
     acknowledged once, with its own version: versions 1..N, each exactly once (a push applied
     twice would take two, a lost acknowledged one would see its version reused), and the params
-    are exactly p0 - lr * (sum of every gradient), after each push as after the last."""
-    server = server_factory(OPTSERVE_REDIS_URL=store.url, OPTSERVE_FSYNC="always")
+    are exactly p0 - lr * (sum of every gradient), after each push as after the last. Both
+    engines: the hot engine's restarted API takes its session back from snapshot + log once the
+    dead incarnation's lease lapses."""
+    hot = HOT_ENV if engine == "hot" else {}
+    server = server_factory(OPTSERVE_REDIS_URL=store.url, OPTSERVE_FSYNC="always", **hot)
     with httpx.Client(base_url=server.url, timeout=60) as client:
         sid = create(client, {"name": "sgd", "lr": LR}, P0)["id"]
     total = WORKERS * PUSHES

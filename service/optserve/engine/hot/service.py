@@ -154,6 +154,10 @@ class HotSessionService(SessionService):
         try:
             await self._own(sid)
         except NotOwner as other:
+            if other.url == self.url and dead_url is None:
+                # the lease names this address but not this process: an earlier incarnation
+                # (SIGKILLed and restarted on its port); no use forwarding to ourselves
+                return await self.route(sid, forwarded=forwarded, dead_url=self.url)
             return None if forwarded else other.url
         return None
 
