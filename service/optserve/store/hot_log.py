@@ -26,6 +26,7 @@ from importlib import resources
 import redis.asyncio as aioredis
 
 from . import keys
+from .cluster import queue_script, same_node, with_scripts
 from .errors import IdempotencyConflict, SessionGone
 from .redis_store import Buffer, _chunks, _guard, _manifest_value, _parse_manifest
 
@@ -374,16 +375,19 @@ class HotLog:
         await _guard(lambda: self.client.unlink(*doomed))
 
     async def _run(self, writes, script, script_keys, args) -> list:
-        """SET the staged chunks, run the script, wait for the fsync if asked: one round trip."""
+        """SET the staged chunks, run the script, wait for the fsync if asked: one round trip
+        (on a cluster, all on the session's node: see store/cluster.py)."""
+        sid_key = script_keys[1]  # the meta key: the session's node
 
         async def run() -> list:
             async with self.client.pipeline(transaction=False) as pipe:
                 for key, part in writes:
                     pipe.set(key, part, px=STAGED_TTL_MS)
-                await script(keys=script_keys, args=args, client=pipe)
+                await queue_script(pipe, script, script_keys, args)
                 if self.fsync_always:
-                    pipe.execute_command("WAITAOF", 1, 0, 0)
+                    node = await same_node(self.client, sid_key)
+                    pipe.execute_command("WAITAOF", 1, 0, 0, **node)
                 replies = await pipe.execute()
             return replies[-2] if self.fsync_always else replies[-1]
 
-        return await _guard(run)
+        return await _guard(lambda: with_scripts(self.client, [script], run))
