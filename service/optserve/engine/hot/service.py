@@ -599,11 +599,14 @@ class HotSessionService(SessionService):
     async def delete(self, sid: str) -> None:
         async with self._locked(sid, snapshots=True) as hs:
             self._modes.pop(sid, None)
-            gradient_keys = [key for _, keys in hs.logged for key in keys]
+            gradient_keys = [key for _, keys_ in hs.logged for key in keys_]
             self._drop(hs)
+            tenant = await self.tenancy.owner(sid)
             if not await self.store.delete(sid):
                 raise not_found(sid)
             await self.log.delete(sid, gradient_keys)
+            if tenant is not None:
+                await self.tenancy.drop(tenant, sid)  # after the session: see store/tenants.py
 
     @staticmethod
     def _mapped(sid: str, error: BaseException) -> BaseException:
