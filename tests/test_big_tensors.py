@@ -18,7 +18,11 @@ N = 2**27
 
 def test_a_2_pow_27_element_tensor_round_trips(server_factory, valkey_server):
     server = server_factory(
-        OPTSERVE_REDIS_URL=valkey_server.url, OPTSERVE_MAX_BODY_BYTES=str(600 * 2**20)
+        OPTSERVE_REDIS_URL=valkey_server.url,
+        OPTSERVE_MAX_BODY_BYTES=str(600 * 2**20),
+        # Moving 512 MB through the store on a busy 2-core machine can take longer than the
+        # default 10 s store timeout; this test is about sizes, not about timeouts.
+        OPTSERVE_STORE_TIMEOUT_S="120",
     )
     from safetensors.numpy import save
 

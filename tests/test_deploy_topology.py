@@ -209,13 +209,15 @@ def test_the_request_id_is_kept_or_made_and_logged(topology):
     assert topology.log_line(r'"GET /readyz HTTP/1.1" 200 .*request_id=[0-9a-f]{32} ')
 
 
-def raw_post(url: str, path: str, content_length: int) -> tuple[int, str, bytes]:
+def raw_post(
+    url: str, path: str, content_length: int, content_type: str = "application/x-safetensors"
+) -> tuple[int, str, bytes]:
     """Send only the headers of a POST with this Content-Length and read the answer (a 413
     comes before any of the body is needed): status, content type, body."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=20) as sock:
         sock.sendall(
-            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {content_length}\r\n\r\n".encode()
         )
         response = http.client.HTTPResponse(sock)
@@ -230,6 +232,10 @@ def test_too_large_bodies_get_the_apps_413_and_past_nginx_limit_nginxs_own(topol
     status, content_type, body = raw_post(topology.url, "/v1/sessions", limit + 1)
     assert status == 413 and content_type.startswith("application/problem+json")
     assert f"body of {limit + 1} bytes is over the {limit} limit" in body.decode()  # the app's
+    json_limit = Settings().max_json_body_bytes  # JSON has its own, smaller bound
+    status, _, body = raw_post(topology.url, "/v1/sessions", json_limit + 1, "application/json")
+    assert status == 413
+    assert f"body of {json_limit + 1} bytes is over the {json_limit} limit" in body.decode()
 
     status, content_type, body = raw_post(topology.url, "/v1/sessions", nginx_limit + 1)
     assert status == 413 and content_type == "application/problem+json"
