@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ import pytest
 
 from optserve.api.problems import CODES, TYPE_BASE
 from optserve.config import Settings
+from optserve_client import Client, RetryPolicy
 
 from .api_helpers import create, from_json
 from .conftest import ServerProcess, free_port
@@ -274,3 +276,33 @@ def test_the_compose_demo_trains_through_nginx(topology, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert list((tmp_path / "results").iterdir()), "the demo wrote no results"
     assert topology.count(PUSH_LINE) > pushes_before  # it pushed through nginx
+
+
+# (last in the module: it takes both replicas down)
+def test_no_replica_answering_is_a_503_problem_and_the_client_retries_through(topology):
+    """nginx's own 502 becomes the API's kind of answer: a problem+json 503 with Retry-After,
+    which the Python client retries; once a replica is back, the retried push applies once."""
+    with Client(topology.url, retries=RetryPolicy(attempts=60, backoff=0.2, max_backoff=0.5)) as c:
+        session = c.create_session({"name": "sgd", "lr": 1.0}, {"w": np.zeros(2, np.float32)})
+        for replica in topology.replicas:
+            replica.kill()
+        try:
+            raw = httpx.post(f"{topology.url}/v1/sessions/{session.id}/gradients", json={})
+            code_status, title = CODES["api_unavailable"]
+            assert raw.status_code == code_status == 503
+            assert raw.headers["content-type"] == "application/problem+json"
+            assert raw.headers["retry-after"] == "1"
+            problem = raw.json()
+            assert (problem["code"], problem["title"]) == ("api_unavailable", title)
+            assert problem["type"] == f"{TYPE_BASE}api_unavailable"
+
+            restart = threading.Timer(1.0, lambda: [r.start() for r in topology.replicas])
+            restart.start()  # while the client is retrying
+            params = session.push({"w": np.array([1.0, 2.0], np.float32)})
+            restart.join()
+        finally:
+            for replica in topology.replicas:
+                if replica.process is None or replica.process.poll() is not None:
+                    replica.start()
+        assert session.version == 1
+        np.testing.assert_array_equal(params["w"], [-1.0, -2.0])

@@ -53,6 +53,8 @@ CODES: dict[str, tuple[int, str]] = {
     "internal_error": (500, "Internal server error"),
     "store_unavailable": (503, "Store unavailable"),
     "owner_unavailable": (503, "Session owner unavailable"),
+    # Answered by the proxy of deploy/nginx.conf, not by the app: no replica could be reached.
+    "api_unavailable": (503, "API unavailable"),
     "round_timeout": (504, "Round timed out"),
 }
 

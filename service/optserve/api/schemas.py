@@ -179,7 +179,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (415, "Unsupported media type"),
         (422, "Invalid request"),
         (429, "Rate limited (Retry-After)"),
-        (503, "Store unavailable"),
+        (503, "Store, session owner or (behind the proxy) every replica unavailable (Retry-After)"),
     )
 }
 
