@@ -328,6 +328,7 @@ type SessionInfo struct {
 	Nonfinite    string                `json:"nonfinite"`
 	MaxStaleness *int                  `json:"max_staleness"`
 	Staleness    string                `json:"staleness"`
+	TTLS         *float64              `json:"ttl_s"`
 	CreatedAt    string                `json:"created_at"`
 	UpdatedAt    string                `json:"updated_at"`
 	Raw          map[string]any        `json:"-"`
@@ -370,6 +371,9 @@ type CreateRequest struct {
 	// (applied with lr / (1 + staleness)).
 	Staleness string
 	Name      string
+	// TTLS > 0 has the server delete the session once it goes that many seconds unused (any use
+	// renews it; 0: never expires).
+	TTLS float64
 }
 
 // Int returns a pointer to v, for the optional integer fields (MaxStaleness, BaseVersion, ...).
@@ -420,6 +424,9 @@ func (c *Client) CreateSession(ctx context.Context, req CreateRequest) (*Session
 	}
 	if req.Name != "" {
 		fields["name"] = req.Name
+	}
+	if req.TTLS != 0 {
+		fields["ttl_s"] = req.TTLS
 	}
 	params := req.Params
 	if params == nil {

@@ -270,6 +270,46 @@ func TestSessionLifecycle(t *testing.T) {
 	}
 }
 
+// TTLS: set at create, shown in the view, changed, cleared (a pointer to 0), and left alone by
+// an update that does not name it.
+func TestSessionTTL(t *testing.T) {
+	url := serverURL(t)
+	ctx := ctxFor(t)
+	client := newClient(t, url)
+	ttl := func(info *optserve.SessionInfo) any {
+		if info.TTLS == nil {
+			return nil
+		}
+		return *info.TTLS
+	}
+	session := sgdSession(t, client, func(req *optserve.CreateRequest) { req.TTLS = 600 })
+	info, err := session.Info(ctx)
+	if err != nil || ttl(info) != 600.0 || info.Raw["ttl_s"] != 600.0 {
+		t.Fatalf("created with 600: %+v %v", info, err)
+	}
+	updated, err := session.Update(ctx, optserve.SessionUpdate{TTLS: optserve.Float(30.5)})
+	if err != nil || ttl(updated) != 30.5 {
+		t.Fatalf("changed to 30.5: %+v %v", updated, err)
+	}
+	updated, err = session.Update(ctx, optserve.SessionUpdate{Optimizer: map[string]any{"lr": 0.2}})
+	if err != nil || ttl(updated) != 30.5 {
+		t.Fatalf("an update without TTLS changed it: %+v %v", updated, err)
+	}
+	updated, err = session.Update(ctx, optserve.SessionUpdate{TTLS: optserve.Float(0)})
+	if err != nil || ttl(updated) != nil {
+		t.Fatalf("cleared: %+v %v", updated, err)
+	}
+	_, err = session.Update(ctx, optserve.SessionUpdate{TTLS: optserve.Float(0.01)}) // below the minimum
+	wantError(t, err, 422, "invalid_session")
+	if info, err = session.Info(ctx); err != nil || ttl(info) != nil || info.Raw["ttl_s"] != nil {
+		t.Fatalf("after the refused update: %+v %v", info, err)
+	}
+	never := sgdSession(t, client, nil)
+	if info, err = never.Info(ctx); err != nil || ttl(info) != nil {
+		t.Fatalf("created without TTLS: %+v %v", info, err)
+	}
+}
+
 func TestStateRoundTrip(t *testing.T) {
 	url := serverURL(t)
 	for _, codec := range codecs {

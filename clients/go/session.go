@@ -98,6 +98,8 @@ type SessionUpdate struct {
 	Staleness string
 	// Name renames the session; a pointer to "" clears the name.
 	Name *string
+	// TTLS sets the idle expiry in seconds; a pointer to 0 makes the session never expire.
+	TTLS *float64
 }
 
 // Update changes hyperparameters in flight (PATCH) and returns the session as it now is:
@@ -133,6 +135,13 @@ func (s *Session) Update(ctx context.Context, update SessionUpdate) (*SessionInf
 			changes["name"] = nil
 		} else {
 			changes["name"] = *update.Name
+		}
+	}
+	if update.TTLS != nil {
+		if *update.TTLS == 0 {
+			changes["ttl_s"] = nil
+		} else {
+			changes["ttl_s"] = *update.TTLS
 		}
 	}
 	body, err := marshalJSON(changes)

@@ -166,6 +166,7 @@ const SESSION_FIELDS = {
   name: "name",
   maxStaleness: "max_staleness",
   staleness: "staleness",
+  ttlS: "ttl_s",
   mode: "mode",
 };
 const WIRE_FIELDS = new Map(Object.entries(SESSION_FIELDS).flatMap(([js, wire]) => [[js, wire], [wire, wire]]));
@@ -359,8 +360,9 @@ export class Client {
    * over the optimizer object). `params` are initial values, `tensors` names zero-initialised
    * tensors by shape (`{b: [3]}`), so large ones need not be uploaded. Session options:
    * `lrSchedule`, `clipGradNorm`, `nonfinite` ("reject" | "skip"), `name`, `maxStaleness`,
-   * `staleness` ("reject" | "scale"), `mode` ({type: "sync", workers: N, ...}); the wire names
-   * (`lr_schedule`, ...) work too.
+   * `staleness` ("reject" | "scale"), `ttlS` (seconds unused after which the server deletes the
+   * session; any use renews it; omitted or null: never), `mode` ({type: "sync", workers: N, ...});
+   * the wire names (`lr_schedule`, `ttl_s`, ...) work too.
    */
   async createSession(options = {}) {
     const { optimizer, params, tensors } = options;
@@ -448,10 +450,10 @@ export class Session {
   /**
    * Change hyperparameters in flight: `update({lr: 1e-4})`; resolves to the session info.
    *
-   * Keys `clipGradNorm`, `nonfinite`, `name`, `maxStaleness`, `staleness` (or their wire names)
-   * are session settings, `optimizer` an object of hyperparameters, every other key a
-   * hyperparameter. `null` clears a setting (`clipGradNorm: null` turns clipping off); a key
-   * left out (or undefined) stays as it is.
+   * Keys `clipGradNorm`, `nonfinite`, `name`, `maxStaleness`, `staleness`, `ttlS` (or their wire
+   * names) are session settings, `optimizer` an object of hyperparameters, every other key a
+   * hyperparameter. `null` clears a setting (`clipGradNorm: null` turns clipping off, `ttlS: null`
+   * makes the session never expire); a key left out (or undefined) stays as it is.
    */
   async update(changes = {}) {
     const { fields, hyperparameters } = splitOptions(changes, UPDATE_OWN);

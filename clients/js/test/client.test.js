@@ -108,6 +108,29 @@ for (const codec of CODECS) {
       }
     });
 
+    test("ttlS: set at create, shown in the view, changed, cleared, never touched by other updates", async () => {
+      const session = await client.createSession({ optimizer: "sgd", lr: 0.1, params: { w: new Float32Array(2) }, ttlS: 600 });
+      try {
+        assert.equal((await session.info()).ttl_s, 600);
+        assert.equal((await raw("GET", `/v1/sessions/${session.id}`)).body.ttl_s, 600);
+        assert.equal((await session.update({ ttlS: 30.5 })).ttl_s, 30.5);
+        assert.equal((await session.update({ lr: 0.2 })).ttl_s, 30.5); // left out: stays
+        assert.equal((await session.update({ ttl_s: 45 })).ttl_s, 45); // the wire name works too
+        const cleared = await session.update({ ttlS: null });
+        assert.equal(cleared.ttl_s, null);
+        assert.equal((await session.info()).ttl_s, null);
+        const error = await errorOf(session.update({ ttlS: 0.01 })); // below the server's minimum
+        assert.equal(error.status, 422);
+        assert.equal(error.code, "invalid_session");
+        assert.equal((await session.info()).ttl_s, null); // an error changes nothing
+      } finally {
+        await session.delete();
+      }
+      const never = await client.createSession({ optimizer: "sgd", lr: 0.1, params: { w: new Float32Array(2) } });
+      assert.equal((await never.info()).ttl_s, null);
+      await never.delete();
+    });
+
     test("pushes match the server's own JSON answers bit for bit", async () => {
       const r = rng(codec.length);
       const p0 = { w: tensor([3, 4], r.normal(12)), b: tensor([4], r.normal(4)) };
