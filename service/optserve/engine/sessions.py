@@ -365,12 +365,7 @@ class SessionService:
             config = self.config_of(snap)
             self._check_known(config, params)
             _reject_non_finite(params, "params")
-            if if_match is not None and if_match != snap.version:
-                raise EngineError(
-                    "precondition_failed",
-                    f"If-Match {if_match} but the session is at version {snap.version}",
-                    version=snap.version,
-                )
+            check_if_match(if_match, snap.version)
             writes = {name: {"param": to_bytes(array)} for name, array in params.items()}
             meta = {"updated_at": _now()}
             for _ in range(MAX_COMMIT_ATTEMPTS):
@@ -682,19 +677,8 @@ class SessionService:
         async with self._lock(sid):
             snap = await self._meta(sid)
             config = self.config_of(snap)
-            if if_match is not None and if_match != snap.version:
-                raise EngineError(
-                    "precondition_failed",
-                    f"If-Match {if_match} but the session is at version {snap.version}",
-                    version=snap.version,
-                )
-            if version is not None and version <= snap.version:
-                raise EngineError(
-                    "invalid_state",
-                    f"the state's version {version} is not past the session's {snap.version}; "
-                    "versions never go back",
-                    version=snap.version,
-                )
+            check_if_match(if_match, snap.version)
+            check_adopted_version(version, snap.version)
             schedule = ScheduleState.from_dict(orjson.loads(snap.meta["schedule"]))
             config, checked, schedule = self.prepared_import(
                 config, schedule, tensors, optimizer, schedule_state, lr_schedule
@@ -791,4 +775,26 @@ def _reject_non_finite(arrays: Mapping[str, np.ndarray], what: str) -> None:
     if bad:
         raise EngineError(
             "non_finite", f"non-finite values (NaN or inf) in {what}: {', '.join(bad)}", tensors=bad
+        )
+
+
+def check_if_match(if_match: int | None, current: int) -> None:
+    """An `If-Match` version must be the session's: both engines answer a mismatch alike."""
+    if if_match is not None and if_match != current:
+        raise EngineError(
+            "precondition_failed",
+            f"If-Match {if_match} but the session is at version {current}",
+            version=current,
+        )
+
+
+def check_adopted_version(version: int | None, current: int) -> None:
+    """A state imported with its own version must be past the session's: versions never go
+    back (a restore continues the checkpoint's count)."""
+    if version is not None and version <= current:
+        raise EngineError(
+            "invalid_state",
+            f"the state's version {version} is not past the session's {current}; "
+            "versions never go back",
+            version=current,
         )

@@ -43,7 +43,14 @@ from ...store.redis_store import KEEP, RedisStore
 from ..errors import EngineError, not_found
 from ..pushes import PushRequest, PushResult, run_pushes
 from ..session_config import SessionConfig
-from ..sessions import ParamsResult, SessionService, _now, _reject_non_finite
+from ..sessions import (
+    ParamsResult,
+    SessionService,
+    _now,
+    _reject_non_finite,
+    check_adopted_version,
+    check_if_match,
+)
 from .state import CorruptLog, HotSession, decode_snapshot, replay
 
 log = logging.getLogger("optserve.hot")
@@ -532,12 +539,7 @@ class HotSessionService(SessionService):
         async with self._locked(sid, snapshots=True) as hs:
             self._check_known(hs.config, params)
             _reject_non_finite(params, "params")
-            if if_match is not None and if_match != hs.version:
-                raise EngineError(
-                    "precondition_failed",
-                    f"If-Match {if_match} but the session is at version {hs.version}",
-                    version=hs.version,
-                )
+            check_if_match(if_match, hs.version)
             try:
                 for name, array in params.items():
                     hs.params[name] = np.array(array, dtype=np.float32, order="C")
@@ -560,19 +562,8 @@ class HotSessionService(SessionService):
         version: int | None = None,
     ) -> int:
         async with self._locked(sid, snapshots=True) as hs:
-            if if_match is not None and if_match != hs.version:
-                raise EngineError(
-                    "precondition_failed",
-                    f"If-Match {if_match} but the session is at version {hs.version}",
-                    version=hs.version,
-                )
-            if version is not None and version <= hs.version:
-                raise EngineError(
-                    "invalid_state",
-                    f"the state's version {version} is not past the session's {hs.version}; "
-                    "versions never go back",
-                    version=hs.version,
-                )
+            check_if_match(if_match, hs.version)
+            check_adopted_version(version, hs.version)
             config, checked, schedule = self.prepared_import(
                 hs.config, hs.schedule, tensors, optimizer, schedule_state, lr_schedule
             )
