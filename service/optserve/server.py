@@ -19,6 +19,7 @@ import uvicorn
 from .app import create_app, release_long_polls
 from .config import Settings
 from .logs import logging_config
+from .memory import keep_freed_buffers
 
 
 class GracefulServer(uvicorn.Server):
@@ -40,6 +41,7 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 
 def run(settings: Settings) -> None:
+    keep_freed_buffers()
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -12,9 +12,11 @@ from fastapi.responses import Response
 from ..config import Settings
 from ..engine.sessions import SessionService
 from ..wire import (
+    F32,
     JSON,
     SAFETENSORS,
     ResponseFormat,
+    SafetensorsOut,
     choose_response_format,
     encode_json,
     encode_message,
@@ -50,7 +52,7 @@ def response_format(request: Request, dtype: str | None) -> ResponseFormat:
     return choose_response_format(request.headers.get("accept"), dtype)
 
 
-async def read_body(request: Request, limit: int) -> bytes | bytearray:
+async def read_body(request: Request, limit: int) -> bytes | memoryview:
     """The whole body, refused with 413 as soon as it is known to be over `limit` bytes (a JSON
     body: over `max_json_body_bytes`, since parsing it costs many times its size)."""
     if not is_safetensors(request.headers.get("content-type")):
@@ -74,12 +76,13 @@ def is_safetensors(content_type: str | None) -> bool:
     return (content_type or "").split(";", 1)[0].strip().lower() == SAFETENSORS
 
 
-async def _read_exactly(request: Request, length: int) -> bytes | bytearray:
+async def _read_exactly(request: Request, length: int) -> bytes | memoryview:
     """A body of known length read into one preallocated buffer: no list of chunks to join, so
-    a large upload costs one copy of itself, not two."""
+    a large upload costs one copy of itself, not two; and writable, so the safetensors decoder
+    can take its tensors as views of it."""
     if length < 2**16:
         return b"".join([chunk async for chunk in request.stream()])
-    body = bytearray(length)
+    body = memoryview(np.empty(length, np.uint8))  # not zero-filled: every byte is written below
     size = 0
     async for chunk in request.stream():
         end = size + len(chunk)
@@ -102,11 +105,23 @@ def tensor_response(
     fields: Mapping[str, Any],
     tensor_field: str,
     headers: Mapping[str, str] | None = None,
+    prepared: SafetensorsOut | None = None,
 ) -> Response:
-    """Encode as negotiated (`response_format`): JSON by default, safetensors when preferred."""
+    """Encode as negotiated (`response_format`): JSON by default, safetensors when preferred;
+    `prepared`: the body the tensors were written into (see `tensor_output`), if it takes them."""
     media_type = response_format.media_type
-    body = encode_message(tensors, fields, tensor_field, media_type, response_format.dtype)
+    body = prepared.finish(tensors, fields) if prepared is not None else None
+    if body is None:
+        body = encode_message(tensors, fields, tensor_field, media_type, response_format.dtype)
     return Response(body, 200, headers=dict(headers or {}), media_type=media_type)
+
+
+def tensor_output(response_format: ResponseFormat) -> SafetensorsOut | None:
+    """A response body to copy returned tensors straight into, when the negotiated format
+    stores them as they are (float32 safetensors); None for JSON and bf16, which convert."""
+    if response_format.media_type == SAFETENSORS and response_format.dtype == F32:
+        return SafetensorsOut()
+    return None
 
 
 def etag(version: int) -> str:

@@ -22,6 +22,7 @@ from .http import (
     parse_version_header,
     read_body,
     response_format,
+    tensor_output,
     tensor_response,
 )
 from .state_wire import decode_state, encode_state
@@ -207,6 +208,7 @@ async def push_gradients(
     _check_push_fields(message.fields)
     if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
         raise invalid_session(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    output = tensor_output(negotiated) if returning != "none" else None
     push = PushRequest(
         grads=message.tensors,
         returning=returning,
@@ -214,6 +216,7 @@ async def push_gradients(
         worker=message.fields.get("worker"),
         idempotency_key=idempotency_key,
         body_digest=hashlib.sha256(body).hexdigest() if idempotency_key is not None else None,
+        params_out=output.allocate if output is not None else None,
     )
     del body, message  # the gradients are decoded: free the raw body before the push runs
     result = await service.push(sid, push)
@@ -234,7 +237,7 @@ async def push_gradients(
     headers = {"ETag": etag(result.params_version or result.version)}  # the params' version
     if result.replayed:
         headers["Idempotency-Replayed"] = "true"
-    response = tensor_response(negotiated, result.params, fields, "params", headers)
+    response = tensor_response(negotiated, result.params, fields, "params", headers, output)
     codec = "safetensors" if request_media_type(content_type) == SAFETENSORS else "json"
     push_seconds = request.app.state.metrics.push_seconds.labels(result.mode, codec)
     push_seconds.observe(time.perf_counter() - start)

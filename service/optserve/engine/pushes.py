@@ -5,7 +5,7 @@ event loop; the session service does the loading and the one commit around it.""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,6 +19,9 @@ from .errors import EngineError
 from .session_config import SessionConfig
 
 Returning = Literal["all", "pushed", "none"]
+#: Where returned params are copied to: given their shapes, writable float32 arrays (the API's
+#: response body, so the one copy made under the session's lock is also the encoding).
+ParamsOut = Callable[[Mapping[str, tuple[int, ...]]], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class PushRequest:
     idempotency_key: str | None = None
     #: sha256 of the request body: the same key with another body is refused
     body_digest: str | None = None
+    params_out: ParamsOut | None = None
 
     @property
     def key_digest(self) -> str | None:
@@ -130,10 +134,16 @@ def returned(
     push: PushRequest, params: Mapping[str, np.ndarray], copy: bool = True
 ) -> dict[str, np.ndarray]:
     """The params this push asked to get back: copies if later pushes of the batch will still
-    update `params` in place, the arrays themselves for the last one (no copy per push)."""
+    update `params` in place, the arrays themselves for the last one (no copy per push); or
+    copied into the push's `params_out` arrays, where it has them."""
     if push.returning == "none":
         return {}
     names = params if push.returning == "all" else [n for n in params if n in push.grads]
+    if push.params_out is not None:
+        out = push.params_out({name: params[name].shape for name in names})
+        for name in names:
+            np.copyto(out[name], params[name])
+        return out
     return {name: params[name].copy() if copy else params[name] for name in names}
 
 

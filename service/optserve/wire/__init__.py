@@ -22,6 +22,7 @@ from .media import (
     request_media_type,
 )
 from .message import BF16, F16, F32, Message
+from .safetensors_codec import SafetensorsOut
 
 __all__ = [
     "BF16",
@@ -32,6 +33,7 @@ __all__ = [
     "SAFETENSORS",
     "Message",
     "ResponseFormat",
+    "SafetensorsOut",
     "WireError",
     "choose_response_format",
     "choose_response_type",

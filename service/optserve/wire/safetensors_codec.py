@@ -4,16 +4,19 @@ Layout: 8-byte little-endian header length N, N bytes of JSON header, then the d
 Decoding reads the header itself, applying the same checks as the package's Rust reader (same
 header size cap, each tensor's byte range must match its shape and dtype, the ranges must tile the
 data section exactly) plus ours (the dtypes the caller allows), all before any tensor is
-allocated, and then converts each tensor out of the body in one pass. `safetensors.numpy.load`
-would copy every tensor (whatever its dtype) into a read-only `bytes` first, so making the arrays
-writable would cost a second full copy; the test suite checks that both readers agree.
+allocated. Then each aligned F32 tensor of a writable body (a buffer) is a view of it, and any
+other tensor is converted out of the body in one pass. `safetensors.numpy.load` would copy every
+tensor (whatever its dtype) into a read-only `bytes` first, so making the arrays writable would
+cost a second full copy; the test suite checks that both readers agree.
 
 Half-precision input (the "cheaper wire"): with `upcast=True` a body may also hold F16 and BF16
 tensors, which decode to float32 exactly (every F16 and BF16 value is a float32 value): F16 through
 numpy's float16 -> float32 cast, BF16 by moving its 16 bits to the top of a 32-bit word. The API
 allows this for gradients and for a new session's initial params only; see api/sessions.py.
 
-Encoding F32 uses the `safetensors` package. BF16 output (params on request, half the bytes) is
+Encoding F32 uses the `safetensors` package, or a `SafetensorsOut` whose tensors the caller
+writes in place (the params a push returns are copied once, straight into the response body).
+BF16 output (params on request, half the bytes) is
 rounded to nearest-even like torch's float32 -> bfloat16 cast and written with a header of our
 own: the package's numpy API has no bfloat16, and its raw `serialize` API changed in 0.8.
 """
@@ -37,9 +40,12 @@ METADATA_KEY: Final = "__metadata__"
 MAX_HEADER_BYTES: Final = 100_000_000  # the safetensors crate refuses larger headers too
 _LENGTH_BYTES: Final = 8
 _HEADER_ALIGN: Final = 8  # the package pads its header with spaces to this, so data is aligned
+#: header bytes SafetensorsOut reserves for the fields (a push's are well under 300)
+METADATA_ROOM: Final = 1024
 #: safetensors dtype -> its little-endian storage type. BF16 is read as raw 16-bit words.
 _STORAGE: Final = {F32: np.dtype("<f4"), F16: np.dtype("<f2"), BF16: np.dtype("<u2")}
 FLOAT32_ONLY: Final = frozenset({F32})
+_NATIVE_LITTLE: Final = np.dtype(np.float32).byteorder == "=" and np.little_endian
 HALF_OR_FLOAT32: Final = frozenset({F32, F16, BF16})
 
 
@@ -108,14 +114,20 @@ def _layout(name: str, info: object, upcast: bool) -> tuple[int, int, list[int],
     return begin, end, shape, dtype
 
 
-def _to_float32(body: bytes, offset: int, count: int, shape: list[int], dtype: str) -> np.ndarray:
-    """One tensor of the body as an owned, aligned, writable, C-contiguous native float32 array.
+def _to_float32(
+    body: bytes | bytearray | memoryview, offset: int, count: int, shape: list[int], dtype: str
+) -> np.ndarray:
+    """One tensor of the body as an aligned, writable, C-contiguous native float32 array.
 
-    np.frombuffer views the immutable body (read-only, maybe unaligned, keeping the whole body
-    alive); the one astype per tensor allocates the result, byte-swapping in the same pass on a
-    big-endian host. Both upcasts are exact.
+    A writable body (the API reads large bodies into a buffer of their own) holding aligned
+    native F32 is viewed in place: no copy, and the body lives exactly as long as its tensors.
+    Otherwise np.frombuffer views the body (read-only, maybe unaligned) and the one astype per
+    tensor allocates the result, byte-swapping in the same pass on a big-endian host. Both
+    upcasts are exact.
     """
     view = np.frombuffer(body, dtype=_STORAGE[dtype], count=count, offset=offset).reshape(shape)
+    if dtype == F32 and view.flags.writeable and view.flags.aligned and _NATIVE_LITTLE:
+        return view
     if dtype != BF16:
         return view.astype(np.float32)  # F32: a copy; F16: IEEE half -> single, exact
     # BF16 is the top half of a float32: widen the words, shift them up, reinterpret the bits.
@@ -124,7 +136,9 @@ def _to_float32(body: bytes, offset: int, count: int, shape: list[int], dtype: s
     return words.view(np.float32)
 
 
-def decode_safetensors_message(body: bytes, upcast: bool = False) -> Message:
+def decode_safetensors_message(
+    body: bytes | bytearray | memoryview, upcast: bool = False
+) -> Message:
     """A safetensors body -> Message with writable float32 arrays and JSON-decoded fields.
 
     F32 tensors only, unless `upcast`: then F16 and BF16 tensors too, widened exactly to float32.
@@ -229,3 +243,63 @@ def encode_safetensors_message(
     if dtype == BF16:
         return _save_bf16(arrays, _metadata(fields))
     return save(arrays, metadata=_metadata(fields) or None)
+
+
+class SafetensorsOut:
+    """A float32 safetensors body allocated before its tensors exist, written in place.
+
+    The engine copies the params it returns under the session's lock anyway; copying them into
+    the data section of the response body instead saves the encoder's copies of a large tensor.
+    The header is written last, into room reserved ahead of the data and padded with spaces (as
+    the package pads its own headers, so any safetensors reader takes it); fields that do not
+    fit make `finish` decline, and the caller encodes the usual way.
+    """
+
+    def __init__(self, metadata_room: int = METADATA_ROOM) -> None:
+        self.metadata_room = metadata_room
+        self.body: memoryview | None = None
+        self.arrays: dict[str, np.ndarray] = {}
+        self.entries: dict[str, dict[str, Any]] = {}
+
+    def allocate(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+        """Writable float32 arrays of these shapes inside a new body (a previous one is
+        dropped: an engine that runs a batch again allocates again)."""
+        entries: dict[str, dict[str, Any]] = {}
+        offset = 0
+        for name in sorted(shapes):
+            end = offset + math.prod(shapes[name]) * _STORAGE[F32].itemsize
+            shape = list(shapes[name])
+            entries[name] = {"dtype": F32, "shape": shape, "data_offsets": [offset, end]}
+            offset = end
+        room = len(orjson.dumps(entries)) + self.metadata_room
+        room += -room % _HEADER_ALIGN  # the data starts 8-aligned, as the package lays it out
+        start = _LENGTH_BYTES + room
+        # not zero-filled: the caller writes every array, finish() the header
+        self.body = body = memoryview(np.empty(start + offset, np.uint8))
+        body[:_LENGTH_BYTES] = struct.pack("<Q", room)
+        self.entries = entries
+        self.arrays = {
+            name: np.frombuffer(
+                body, np.float32, math.prod(shapes[name]), start + entry["data_offsets"][0]
+            ).reshape(shapes[name])
+            for name, entry in entries.items()
+        }
+        return dict(self.arrays)
+
+    def finish(
+        self, tensors: Mapping[str, np.ndarray], fields: Mapping[str, Any]
+    ) -> memoryview | None:
+        """The body with its header written; None when `tensors` are not this body's arrays
+        (the engine returned others) or the fields do not fit the room reserved for them."""
+        if self.body is None or tensors.keys() != self.arrays.keys():
+            return None
+        if any(tensors[name] is not array for name, array in self.arrays.items()):
+            return None
+        metadata = _metadata(fields)
+        header = {METADATA_KEY: metadata, **self.entries} if metadata else self.entries
+        text = orjson.dumps(header)
+        room = int.from_bytes(self.body[:_LENGTH_BYTES], "little")
+        if len(text) > room:
+            return None
+        self.body[_LENGTH_BYTES : _LENGTH_BYTES + room] = text.ljust(room)
+        return self.body
