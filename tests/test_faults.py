@@ -34,7 +34,7 @@ from redis.retry import Retry
 
 from optserve.optim import get_algorithm
 from optserve.optim.update import apply_update, initial_states
-from optserve.store import keys, redis_store
+from optserve.store import hot_log, keys, redis_store
 from optserve.store.embedded import EmbeddedValkey
 
 from .api_helpers import ST, assert_problem, create, from_json, push, st_body, st_parse, tensor
@@ -99,12 +99,23 @@ def restart(server: ServerProcess) -> None:
 # -- the store stops and comes back ------------------------------------------------------------
 
 
-def test_store_killed_is_503_then_recovers_by_itself(store: KillableStore, server_factory):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_store_killed_is_503_then_recovers_by_itself(
+    store: KillableStore, server_factory, engine: str
+):
     """A SIGKILLed store: 503 store_unavailable with Retry-After at once (not after retries or
     the 30 s command timeout), /readyz 503, nothing half-applied. Restarted on its port with its
-    AOF, the same optserve process serves again, long-poll wake-ups included, with no restart."""
+    AOF, the same optserve process serves again, long-poll wake-ups included, with no restart.
+
+    The hot engine's owner still holds the session in memory: while its lease is confirmed
+    (LEASE_MARGIN of the lease after its last renewal: a 3 s lease here, so the reads below
+    surely fall in it) it serves the params from memory, as last acknowledged. Every push is
+    refused, since it cannot be logged; one that got as far as being applied in memory (a push
+    without a key: no idempotency record to read first) makes the owner drop its copy, which
+    may be ahead of the log, so from then on the params are 503 as with write-through."""
+    hot = {**HOT_ENV, "OPTSERVE_HOT_LEASE_MS": "3000"} if engine == "hot" else {}
     server = server_factory(
-        OPTSERVE_REDIS_URL=store.url, OPTSERVE_FSYNC="always", OPTSERVE_STORE_TIMEOUT_S="30"
+        OPTSERVE_REDIS_URL=store.url, OPTSERVE_FSYNC="always", OPTSERVE_STORE_TIMEOUT_S="30", **hot
     )
     w0 = np.array([1.0, 2.0, -3.0, 0.5], np.float32)
     g = np.array([0.5, -1.0, 2.0, 0.25], np.float32)
@@ -112,11 +123,22 @@ def test_store_killed_is_503_then_recovers_by_itself(store: KillableStore, serve
     with httpx.Client(base_url=server.url, timeout=60) as client:
         sid = create(client, {"name": "sgd", "lr": LR}, {"w": w0})["id"]
         assert push(client, sid, {"w": g})["version"] == 1
+        params_path = f"/v1/sessions/{sid}/params"
+
+        def params_during_the_outage() -> None:
+            response = client.get(params_path)
+            if engine == "write-through":
+                assert_problem(response, 503, "store_unavailable")
+                return
+            assert response.status_code == 200, response.text  # from the owner's memory
+            assert response.json()["version"] == 1
+            np.testing.assert_array_equal(from_json(response.json()["params"]["w"]), w0 - LR * g)
 
         # A long poll waits through the outage (sent again if it meets the outage instead).
         outage_poll = LongPoll(server.url, sid, after_version=1)
         time.sleep(0.3)  # time to reach its wait
         store.kill()
+        params_during_the_outage()
 
         started = time.monotonic()
         headers = {"Idempotency-Key": "the-push-during-the-outage"}
@@ -127,14 +149,18 @@ def test_store_killed_is_503_then_recovers_by_itself(store: KillableStore, serve
         # A refused connection is answered in milliseconds; redis-py's own retries with
         # backoff (its defaults in some versions) took 2-4 s here, a command timeout 30 s.
         assert answered_in < 1, f"503 only after {answered_in:.1f}s"
+        params_during_the_outage()  # hot: refused before it was applied, the copy is kept
+        # Without a key the hot owner applies it in memory before the append fails.
+        response = client.post(f"/v1/sessions/{sid}/gradients", json=body)
+        assert_problem(response, 503, "store_unavailable")
         assert_problem(client.get("/readyz"), 503, "store_unavailable")
-        assert_problem(client.get(f"/v1/sessions/{sid}/params"), 503, "store_unavailable")
+        assert_problem(client.get(params_path), 503, "store_unavailable")  # hot: copy dropped
         assert client.get("/healthz").status_code == 200  # the process itself is fine
 
         store.start()
         assert client.get("/readyz").json() == {"status": "ready"}
         params = client.get(f"/v1/sessions/{sid}/params").json()
-        assert params["version"] == 1  # the refused push left nothing behind
+        assert params["version"] == 1  # the refused pushes left nothing behind
         np.testing.assert_array_equal(from_json(params["params"]["w"]), w0 - LR * g)
 
         pushed_at = time.monotonic()
@@ -163,10 +189,12 @@ class LongPoll:
     def __init__(self, url: str, sid: str, after_version: int) -> None:
         self.url = f"{url}/v1/sessions/{sid}/params?after_version={after_version}&wait_s=30"
         self.outcome: dict[str, Any] = {}
-        self.thread = threading.Thread(target=self._run)
+        # daemon, and it gives up after a minute: a failed test does not hang the run at exit
+        self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
+        deadline = time.monotonic() + 60
         try:
             while True:
                 try:
@@ -175,6 +203,7 @@ class LongPoll:
                     response = None
                 if response is not None and response.status_code != 503:
                     break
+                assert time.monotonic() < deadline, "the long poll never got an answer"
                 time.sleep(0.05)
             self.outcome["answered_at"] = time.monotonic()
             self.outcome["status"] = response.status_code
@@ -195,20 +224,28 @@ class LongPoll:
 
 # -- a commit's reply lost on the way back ---------------------------------------------------------
 
-#: How a commit looks on the wire (SCRIPT EXISTS, which redis-py sends first, names it too).
-COMMIT_CALL = b"$7\r\nEVALSHA\r\n$40\r\n" + (
-    hashlib.sha1(redis_store._COMMIT_SCRIPT.encode()).hexdigest().encode()
-)
+def script_call(source: str) -> bytes:
+    """How a run of a script looks on the wire (SCRIPT EXISTS, which redis-py sends first, names
+    it too, without the EVALSHA)."""
+    return b"$7\r\nEVALSHA\r\n$40\r\n" + hashlib.sha1(source.encode()).hexdigest().encode()
+
+
+#: The write a push is acknowledged after: write-through's commit, the hot engine's log append.
+COMMIT_CALLS = {
+    "write-through": script_call(redis_store._COMMIT_SCRIPT),
+    "hot": script_call(hot_log._script("hot_append.lua")),
+}
 
 
 class CommitReplyCutter:
-    """A TCP proxy in front of the store. Armed, it passes the next commit (the EVALSHA of
-    commit.lua) on to the store and then cuts that connection before the reply comes back: the
-    commit applies, and optserve cannot know it (a network fault, or a store that dies after it
-    executed a command)."""
+    """A TCP proxy in front of the store. Armed, it passes the next run of `call` (the EVALSHA
+    of commit.lua or hot_append.lua) on to the store and then cuts that connection before the
+    reply comes back: the commit applies, and optserve cannot know it (a network fault, or a
+    store that dies after it executed a command)."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, call: bytes) -> None:
         self.upstream_port = upstream_port
+        self.call = call
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.armed = threading.Event()
@@ -236,7 +273,7 @@ class CommitReplyCutter:
     def _to_store(self, client: socket.socket, upstream: socket.socket, cut: threading.Event):
         with contextlib.suppress(OSError):
             while data := client.recv(1 << 16):
-                if self.armed.is_set() and COMMIT_CALL in data:
+                if self.armed.is_set() and self.call in data:
                     self.armed.clear()
                     cut.set()  # from now on nothing goes back to optserve
                     upstream.sendall(data)
@@ -263,14 +300,21 @@ def _close(sock: socket.socket) -> None:
     sock.close()
 
 
-def test_a_commit_whose_reply_is_lost_is_503_and_never_sent_twice(valkey_server, server_factory):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_commit_whose_reply_is_lost_is_503_and_never_sent_twice(
+    valkey_server, server_factory, engine: str
+):
     """optserve never re-sends a store command: a commit whose reply was lost may have applied.
     Re-sending it would meet a version conflict, and the engine would re-run the batch: a push
     without an Idempotency-Key would step twice (redis-py's own retries, the default of some
-    versions, did exactly that here). Instead the push is a 503; with a key, its retry replays."""
-    cutter = CommitReplyCutter(valkey_server.port)
+    versions, did exactly that here). Instead the push is a 503; with a key, its retry replays.
+    The hot engine's commit is its log append (the idempotency record goes in the same script):
+    the owner, not knowing whether it landed, drops its in-memory copy, and the next request
+    reloads snapshot + log, which has the push once."""
+    cutter = CommitReplyCutter(valkey_server.port, COMMIT_CALLS[engine])
+    hot = HOT_ENV if engine == "hot" else {}
     try:
-        server = server_factory(OPTSERVE_REDIS_URL=f"redis://127.0.0.1:{cutter.port}")
+        server = server_factory(OPTSERVE_REDIS_URL=f"redis://127.0.0.1:{cutter.port}", **hot)
         w0 = np.array([1.0, 2.0, -3.0, 0.5], np.float32)
         g = np.array([0.5, -1.0, 2.0, 0.25], np.float32)
         body = {"grads": {"w": tensor(g)}}

@@ -1,8 +1,11 @@
-"""Hard kills with the embedded store: state, version and optimizer moments survive a restart."""
+"""Hard kills with the embedded store: state, version and optimizer moments survive a restart,
+with both engines (the hot engine's restarted server takes the session over from snapshot + log
+once the killed process's lease lapses)."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -10,13 +13,15 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
+import redis
 
 from optserve.optim import get_algorithm
 from optserve.optim.update import apply_update, initial_states
 from optserve.store.embedded import PID_FILE
 
 from .api_helpers import create, from_json, push, state
-from .conftest import free_port
+from .conftest import ENGINES, HOT_ENV, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 W0 = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
@@ -40,9 +45,24 @@ def valkey_pid(data_dir: Path) -> int:
     return int((data_dir / PID_FILE).read_text().strip())
 
 
-def test_sigkill_of_server_then_of_server_and_store(server_factory, tmp_path):
+def waitaof_calls(data_dir: Path) -> int:
+    """How many WAITAOF the embedded store of `data_dir` has run since it started."""
+    port = re.search(r"^port (\d+)$", (data_dir / "valkey.conf").read_text(), re.M)
+    with redis.Redis(port=int(port.group(1))) as client:
+        stats = client.info("commandstats").get("cmdstat_waitaof")
+    return stats["calls"] if stats else 0
+
+
+def engine_env(engine: str, data_dir: Path, **extra: str) -> dict[str, str | None]:
+    """An embedded store on `data_dir`, the engine's settings."""
+    env = {"OPTSERVE_DATA_DIR": str(data_dir), "OPTSERVE_REDIS_URL": None, **extra}
+    return env | HOT_ENV if engine == "hot" else env
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sigkill_of_server_then_of_server_and_store(server_factory, tmp_path, engine: str):
     data_dir = tmp_path / "data"
-    env = {"OPTSERVE_DATA_DIR": str(data_dir), "OPTSERVE_REDIS_URL": None}
+    env = engine_env(engine, data_dir)
     server = server_factory(**env)
     with httpx.Client(base_url=server.url, timeout=30) as client:
         sid = create(client, {"name": "adam", "lr": 0.01}, {"w": W0})["id"]
@@ -75,20 +95,22 @@ def test_sigkill_of_server_then_of_server_and_store(server_factory, tmp_path):
     assert not (data_dir / PID_FILE).exists()
 
 
-def test_fsync_always_acknowledges_after_the_aof_fsync(server_factory, tmp_path):
-    """OPTSERVE_FSYNC=always: the embedded store fsyncs every write and each commit waits for it
-    (WAITAOF), so even an immediate SIGKILL of both processes loses no acknowledged update."""
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fsync_always_acknowledges_after_the_aof_fsync(server_factory, tmp_path, engine: str):
+    """OPTSERVE_FSYNC=always: the embedded store fsyncs every write and each commit (the hot
+    engine: each log append) waits for it (WAITAOF), so even an immediate SIGKILL of both
+    processes loses no acknowledged update. A local store with `appendfsync always` fsyncs
+    before it replies anyway, so the kill alone cannot tell a missing WAITAOF (which a store
+    run with everysec needs): the store's count of WAITAOF calls shows each push waited."""
     data_dir = tmp_path / "data"
-    env = {
-        "OPTSERVE_DATA_DIR": str(data_dir),
-        "OPTSERVE_REDIS_URL": None,
-        "OPTSERVE_FSYNC": "always",
-    }
+    env = engine_env(engine, data_dir, OPTSERVE_FSYNC="always")
     server = server_factory(**env)
     with httpx.Client(base_url=server.url, timeout=30) as client:
         sid = create(client, {"name": "adam", "lr": 0.01}, {"w": W0})["id"]
         for step in range(3):
-            push(client, sid, {"w": grad(step)})
+            waited = waitaof_calls(data_dir)
+            assert push(client, sid, {"w": grad(step)})["version"] == step + 1
+            assert waitaof_calls(data_dir) > waited, f"push {step + 1} was not fsynced"
         before = state(client, sid)
     server.kill()
     os.kill(valkey_pid(data_dir), signal.SIGKILL)  # no grace period for an everysec fsync
