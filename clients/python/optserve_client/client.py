@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from ._base import (
     Shape,
     _Unset,
 )
+from ._transport import StdlibTransport
 
 __all__ = ["Client", "Session"]
 
@@ -53,7 +55,12 @@ class Client(BaseClient):
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         super().__init__(url, api_key, timeout=timeout, codec=codec, retries=retries)
-        self._http = httpx.Client(transport=transport, timeout=timeout)
+        # plain http:// on the standard library's HTTP (a third of the CPU per large tensor,
+        # see _transport.py); https:// and a transport given here go through httpx's own
+        # (unless a proxy is configured for http: httpx's transport goes through it)
+        plain = transport is None and not {"http", "all"} & set(urllib.request.getproxies())
+        mounts = {"http://": StdlibTransport()} if plain else None
+        self._http = httpx.Client(transport=transport, mounts=mounts, timeout=timeout)
 
     def __enter__(self) -> Client:
         return self
