@@ -79,6 +79,14 @@ def set_persistence(url: str, persistence: str) -> None:
     pb.wait_store_quiet(url)
 
 
+def cpu_cell(cpu: dict[str, float] | None) -> str:
+    """Where an update's CPU went: the server process (all its threads), the worker processes
+    (HTTP and decoding), Valkey; all three share the 2 cores."""
+    if not cpu:
+        return "-"
+    return " + ".join(f"{cpu[name]:.1f}" for name in ("server", "workers", "valkey"))
+
+
 def disk_write_rate(directory: Path, total: int = 1 << 30, block: int = 4 << 20) -> float:
     """Bytes per second written and fsynced to `directory` (the store's disk): what an AOF of
     4 MB gradients can sustain."""
@@ -194,7 +202,7 @@ def run(args: argparse.Namespace, workdir: Path) -> list[pb.SizeResult]:
                                     pb.wait_store_quiet(url)
                                     t = pb.measure_throughput(
                                         pool, clients[engine], server.url, result.size, count,
-                                        window,
+                                        window, {"server": [server.pid], "valkey": [valkey.pid]},
                                     )  # fmt: skip
                                     key = (engine, count, persistence, http)
                                     result.throughput[key] = t  # type: ignore[index]
@@ -300,8 +308,9 @@ def report(args: argparse.Namespace, results: list[pb.SizeResult]) -> list[str]:
             "everysec as `optserve serve` runs it, or off: the log then lives in Valkey's "
             "memory, which a takeover still replays):",
             "",
-            "| parameters | workers | AOF | worker HTTP | write-through | hot | rpc peer |",
-            "|---|---|---|---|---|---|---|",
+            "| parameters | workers | AOF | worker HTTP | write-through | hot | rpc peer | "
+            "hot CPU ms/update: server + workers + Valkey |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in results:
             for persistence in args.persistence:
@@ -312,6 +321,8 @@ def report(args: argparse.Namespace, results: list[pb.SizeResult]) -> list[str]:
                             for e in ENGINES
                         ]
                         cells = [pb.fmt_rate(x) for x in (*rates, pb.peer_rate(r, count))]
+                        hot = r.throughput.get(("hot", count, persistence, http), {})  # type: ignore[call-overload]
+                        cells.append(cpu_cell(hot.get("cpu_ms_per_update")))
                         lines.append(
                             f"| {r.size:.0e} | {count} | {persistence} | {http} | "
                             + " | ".join(cells)

@@ -514,24 +514,45 @@ def measure_size(
     return result
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc); 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure_throughput(
-    pool: WorkerPool, client: httpx.Client, url: str, size: int, workers: int, window: float
+    pool: WorkerPool,
+    client: httpx.Client,
+    url: str,
+    size: int,
+    workers: int,
+    window: float,
+    processes: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
     """Updates/s of `workers` processes pushing safetensors back to back on one fresh session
-    (the concurrency bench's worker loop: each decodes the params it gets)."""
+    (the concurrency bench's worker loop: each decodes the params it gets). `processes`: name
+    -> pids whose CPU time per acknowledged push is reported too (where the 2 cores went)."""
     created = client.post(
         "/v1/sessions",
         json={"optimizer": OPTIMIZER, "tensors": {"w": {"shape": [size]}}, "name": "push-bench"},
     )
     created.raise_for_status()
     sid = created.json()["id"]
+    groups = {**(processes or {}), "workers": [p.pid for p in pool.procs[:workers]]}
     try:
+        before = {name: sum(map(cpu_seconds, pids)) for name, pids in groups.items()}
         runs = pool.run(workers, url, sid, size, WINDOW_WARMUP_S, window)
+        used = {name: sum(map(cpu_seconds, pids)) - before[name] for name, pids in groups.items()}
         version = client.get(f"/v1/sessions/{sid}").json()["version"]
     finally:
         client.delete(f"/v1/sessions/{sid}")
     latencies = sorted(lat for r in runs for lat in r["latencies"])
+    acked = sum(r["acked"] for r in runs)
     return {
+        "cpu_ms_per_update": {name: 1e3 * cpu / max(acked, 1) for name, cpu in used.items()},
         "workers": workers,
         "rate": sum(r["in_window"] for r in runs) / window,
         "median_latency_s": statistics.median(latencies) if latencies else None,
