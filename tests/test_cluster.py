@@ -110,6 +110,30 @@ async def test_the_url_of_one_node_is_detected_as_a_cluster(cluster, redis_url):
         await single.close()
 
 
+@pytest.mark.anyio
+async def test_a_forced_setting_the_store_contradicts_stops_startup(cluster, redis_url, nowhere):
+    """OPTSERVE_REDIS_CLUSTER=1 on one server (or 0 on a cluster node) would fail every request
+    later; it fails at startup instead, saying what to set. Unreachable: the setting decides."""
+    with pytest.raises(RuntimeError, match="OPTSERVE_REDIS_CLUSTER=0"):
+        await RedisStore.connect(redis_url, cluster=True)
+    with pytest.raises(RuntimeError, match="OPTSERVE_REDIS_CLUSTER=1"):
+        await RedisStore.connect(cluster.urls[0], cluster=False)
+    for url, forced in ((cluster.urls[1], True), (redis_url, False), (nowhere, True)):
+        store = await RedisStore.connect(url, cluster=forced, socket_connect_timeout=1)
+        assert store.cluster is forced
+        await store.close()
+
+
+def test_a_server_told_cluster_on_one_server_exits_with_advice(valkey_server, tmp_path):
+    server = ServerProcess(
+        {"OPTSERVE_REDIS_URL": valkey_server.url, "OPTSERVE_REDIS_CLUSTER": "1"},
+        tmp_path / "optserve.log",
+    )
+    with pytest.raises(RuntimeError, match="exited early"):
+        server.start(timeout=30)
+    assert "OPTSERVE_REDIS_CLUSTER=0" in server.log_path.read_text()
+
+
 @pytest.fixture
 def nowhere() -> str:
     """A URL nothing listens on."""

@@ -24,7 +24,8 @@ class Settings(BaseSettings):
     redis_cluster: bool | None = Field(
         default=None,
         description="true: the Redis URL is one node of a Redis Cluster (use the cluster client); "
-        "false: a single server; unset: ask the server (INFO cluster) at startup.",
+        "false: a single server; unset: ask the server (INFO cluster) at startup. A reachable "
+        "store that says otherwise stops the startup.",
     )
     data_dir: Path = Field(
         default=Path(".optserve"), description="Embedded store's files (AOF, config, log, lock)."

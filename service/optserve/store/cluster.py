@@ -90,6 +90,28 @@ async def detect_cluster(url: str, *, timeout_s: float = DETECT_TIMEOUT_S, **opt
         delay = min(delay * 2, 2.0)
 
 
+async def check_cluster_setting(
+    url: str, cluster: bool, *, timeout_s: float = 1.0, **options
+) -> None:
+    """Refuse a forced OPTSERVE_REDIS_CLUSTER that the store contradicts, with advice, instead
+    of failing every request later. A store that cannot answer now (down, loading, an ACL
+    without INFO) is taken at its word: the setting exists for exactly that case."""
+    probe = aioredis.Redis.from_url(url, **{**options, "socket_timeout": timeout_s})
+    try:
+        info = await asyncio.wait_for(probe.info("cluster"), timeout_s)
+    except (RedisError, OSError, TimeoutError):
+        return
+    finally:
+        await probe.aclose()
+    enabled = bool(int(info.get("cluster_enabled", 0)))
+    if enabled != cluster:
+        raise RuntimeError(
+            f"OPTSERVE_REDIS_CLUSTER={int(cluster)}, but {_safe(url)} says cluster_enabled:"
+            f"{int(enabled)}; set OPTSERVE_REDIS_CLUSTER={int(enabled)}, or leave it unset to "
+            "ask the store"
+        )
+
+
 def client_for(url: str, *, cluster: bool, **options) -> Client:
     """A cluster client (any node's URL finds the others) or a one-server client."""
     if cluster:

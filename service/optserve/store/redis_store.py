@@ -43,6 +43,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..metrics import Metrics
 from . import keys
 from .cluster import (
+    check_cluster_setting,
     client_for,
     detect_cluster,
     is_outage,
@@ -230,6 +231,8 @@ class RedisStore:
         options = _pinned(options, timeout_s)
         if cluster is None:
             cluster = await detect_cluster(url, **options)
+        else:
+            await check_cluster_setting(url, cluster, **options)
         return cls.from_url(
             url,
             cluster=cluster,
