@@ -195,6 +195,7 @@ def test_refuses_to_serve_a_public_address_without_keys(redis_url: str, tmp_path
     output = done.stdout + done.stderr
     assert "OPTSERVE_API_KEYS" in output and "optserve keys create" in output
     assert "Uvicorn running" not in output
+    assert "Traceback" not in output  # the advice, not a stack (server.QuietRefusal)
 
 
 # -- bounds ---------------------------------------------------------------------------------------

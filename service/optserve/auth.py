@@ -39,7 +39,7 @@ from .api.problems import Problem
 from .api_key import check_tenant_name, hash_key, key_id_of
 from .config import Settings
 from .store.api_keys import ApiKeyStore, KeyRecord
-from .store.errors import StoreUnavailable
+from .store.errors import StartupRefused, StoreUnavailable
 from .store.rate_limit import RateLimiter
 from .store.tenants import DEFAULT_TENANT
 
@@ -52,10 +52,6 @@ HOW_TO_ADD_A_KEY = (
     "set OPTSERVE_API_KEYS=tenant:key,... (keys of at least 16 characters), or create one in the "
     "store with `optserve keys create --tenant NAME`"
 )
-
-
-class StartupRefused(RuntimeError):
-    """The server must not start as configured (e.g. open on a public address)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,12 +146,10 @@ class Authenticator:
         elif stored is None:
             log.warning("API keys required on %s: those in the store, once it answers", host)
         else:
-            message = (
+            raise StartupRefused(
                 f"refusing to serve on {host} without API keys (anyone who can reach it could "
                 f"read and change every session): {HOW_TO_ADD_A_KEY}; or bind 127.0.0.1"
             )
-            log.error(message)
-            raise StartupRefused(message)
 
     async def enforced(self) -> bool:
         if self.static or not self.open_allowed:

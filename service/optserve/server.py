@@ -15,11 +15,13 @@ from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .app import create_app, release_long_polls
 from .config import Settings
 from .logs import logging_config
 from .memory import keep_freed_buffers
+from .store.errors import StartupRefused
 
 
 class GracefulServer(uvicorn.Server):
@@ -34,6 +36,38 @@ class GracefulServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+class QuietRefusal:
+    """ASGI wrapper: a startup the settings forbid (StartupRefused) ends with its message, which
+    says what to change, in place of the traceback Starlette hands uvicorn; any other startup
+    failure keeps its traceback."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+        held: list[Message] = []
+
+        async def hold_failure(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                held.append(message)  # sent below, unless it was a refusal
+            else:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, hold_failure)
+        except StartupRefused as refusal:
+            await send({"type": "lifespan.startup.failed", "message": f"not starting: {refusal}"})
+            return
+        except BaseException:
+            if held:
+                await send(held[0])
+            raise
+        if held:
+            await send(held[0])
+
+
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     """After its graceful shutdown uvicorn raises the signal again, for the previous handler:
     this one, so a shutdown asked for exits 0 (not killed by SIGTERM, no KeyboardInterrupt)."""
@@ -44,7 +78,7 @@ def run(settings: Settings) -> None:
     keep_freed_buffers()
     app = create_app(settings)
     config = uvicorn.Config(
-        app,
+        QuietRefusal(app),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

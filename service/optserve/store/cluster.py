@@ -43,6 +43,8 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .errors import StartupRefused
+
 log = logging.getLogger("optserve.store")
 
 T = TypeVar("T")
@@ -79,7 +81,7 @@ async def detect_cluster(url: str, *, timeout_s: float = DETECT_TIMEOUT_S, **opt
         except (RedisError, OSError) as error:
             unreachable = isinstance(error, RedisConnectionError | RedisTimeoutError | OSError)
             if not unreachable or loop.time() + delay > deadline:
-                raise RuntimeError(
+                raise StartupRefused(
                     f"cannot tell whether {_safe(url)} is a Redis Cluster ({error}); set "
                     "OPTSERVE_REDIS_CLUSTER=1 or 0 to say so, or make the store reachable"
                 ) from error
@@ -105,7 +107,7 @@ async def check_cluster_setting(
         await probe.aclose()
     enabled = bool(int(info.get("cluster_enabled", 0)))
     if enabled != cluster:
-        raise RuntimeError(
+        raise StartupRefused(
             f"OPTSERVE_REDIS_CLUSTER={int(cluster)}, but {_safe(url)} says cluster_enabled:"
             f"{int(enabled)}; set OPTSERVE_REDIS_CLUSTER={int(enabled)}, or leave it unset to "
             "ask the store"

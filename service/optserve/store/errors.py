@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+class StartupRefused(RuntimeError):
+    """The server must not start as configured (open on a public address, a store that is not
+    what the settings say): the message says what to change, and is all the operator sees."""
+
+
 class StoreError(Exception):
     """Base of store errors."""
 
