@@ -627,6 +627,8 @@ def run(args: argparse.Namespace, workdir: Path) -> list[SizeResult]:
                 "OPTSERVE_REDIS_URL": url,
                 "OPTSERVE_LOG_LEVEL": "warning",  # no access log line per push
                 "OPTSERVE_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
+                # the JSON side of the comparison sends 1e7 as JSON (~225 MB): a bench-only bound
+                "OPTSERVE_MAX_JSON_BODY_BYTES": str(MAX_BODY_BYTES),
             },
             workdir / "optserve.log",
         )

@@ -255,6 +255,30 @@ def test_params_names_etag_and_put_with_if_match(client):
     assert put_st.json() == {"version": 2}
 
 
+def test_safetensors_params_are_written_in_place_and_read_like_any_file(client):
+    """GET params and a push's params come back as one body the params were copied into
+    (wire.SafetensorsOut: the header sits in padded room ahead of the data); the package reads
+    it, and it holds what JSON says, for all tensors and a subset, on both engines."""
+    sid = create(client, {"name": "adam", "lr": 0.01}, {"w": W0, "b": B0})["id"]
+    push(client, sid, {"w": np.ones_like(W0), "b": np.ones_like(B0)})
+    for query in ("", "?names=b", "?names=b,w"):
+        as_json = client.get(f"/v1/sessions/{sid}/params{query}").json()
+        raw = client.get(f"/v1/sessions/{sid}/params{query}", headers={"accept": ST}).content
+        header_len = int.from_bytes(raw[:8], "little")
+        assert raw[8 : 8 + header_len].endswith(b" ") and (8 + header_len) % 8 == 0
+        tensors, fields = st_parse(raw)
+        assert fields == {"version": 1} and sorted(tensors) == sorted(as_json["params"])
+        for name, spec in as_json["params"].items():
+            assert tensors[name].tobytes() == from_json(spec).tobytes()
+    pushed = client.post(
+        f"/v1/sessions/{sid}/gradients?return=pushed",
+        content=st_body({"b": np.ones_like(B0)}),
+        headers={"content-type": ST, "accept": ST},
+    )
+    tensors, fields = st_parse(pushed.content)
+    assert sorted(tensors) == ["b"] and fields["version"] == 2 and fields["applied"] is True
+
+
 def test_long_poll_returns_when_a_push_lands(client, engine_api_url):
     sid = adam_session(client)
 

@@ -146,10 +146,11 @@ async def get_params(
             version = (await service.get(sid))["version"]
             return Response(status_code=304, headers={"ETag": etag(version)})
     selected = [n for n in names.split(",") if n] if names is not None else None
-    result = await service.get_params(sid, selected)
+    output = tensor_output(negotiated)
+    result = await service.get_params(sid, selected, output.allocate if output else None)
     return tensor_response(
         negotiated, result.params, {"version": result.version}, "params",
-        {"ETag": etag(result.version)},
+        {"ETag": etag(result.version)}, output,
     )  # fmt: skip
 
 

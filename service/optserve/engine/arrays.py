@@ -6,7 +6,7 @@ chunks); reads copy the stored chunks once, straight into the array they become.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -16,6 +16,9 @@ LE_F32 = np.dtype("<f4")
 
 #: What the store returns for one array: its chunks in order (or one bytes object).
 Stored = bytes | Sequence[bytes]
+#: Where returned arrays are copied to: given their shapes, writable float32 arrays (the API's
+#: response body, so the one copy made under the session's lock is also the encoding).
+ParamsOut = Callable[[Mapping[str, tuple[int, ...]]], dict[str, np.ndarray]]
 
 
 def to_bytes(array: np.ndarray | np.floating) -> memoryview:
@@ -29,20 +32,37 @@ def to_bytes(array: np.ndarray | np.floating) -> memoryview:
     return memoryview(contiguous).cast("B")
 
 
-def array_from_bytes(data: Stored, shape: tuple[int, ...]) -> np.ndarray:
-    """A writable native float32 array, filled from the stored chunks with one copy."""
+def array_from_bytes(
+    data: Stored, shape: tuple[int, ...], into: np.ndarray | None = None
+) -> np.ndarray:
+    """A writable native float32 array, filled from the stored chunks with one copy (into
+    `into`, a C-contiguous float32 array of that shape, when given: it is what comes back)."""
     parts = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
     size = int(np.prod(shape, dtype=np.int64))
     if sum(len(part) for part in parts) != size * LE_F32.itemsize:
         stored = sum(len(part) for part in parts) // LE_F32.itemsize
         raise ValueError(f"stored array has {stored} elements, expected shape {shape}")
-    array = np.empty(size, dtype=np.float32)
+    array = np.empty(size, dtype=np.float32) if into is None else into.reshape(-1)
     offset = 0
     for part in parts:
         chunk = np.frombuffer(part, dtype=LE_F32)
         array[offset : offset + chunk.size] = chunk
         offset += chunk.size
-    return array.reshape(shape)
+    return array.reshape(shape) if into is None else into
+
+
+def copies(
+    arrays: Mapping[str, np.ndarray], names: Iterable[str], out: ParamsOut | None = None
+) -> dict[str, np.ndarray]:
+    """Copies of the named arrays: new ones, or written into what `out` allocates for them (a
+    response body, so that the one copy made is also the encoding)."""
+    if out is None:
+        return {name: arrays[name].copy() for name in names}
+    names = list(names)
+    copied = out({name: arrays[name].shape for name in names})
+    for name in names:
+        np.copyto(copied[name], arrays[name])
+    return copied
 
 
 def state_to_fields(state: TensorState) -> dict[str, memoryview]:

@@ -5,7 +5,7 @@ event loop; the session service does the loading and the one commit around it.""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,13 +15,11 @@ import orjson
 from ..optim import TensorState
 from ..optim.schedules import ScheduleState
 from ..optim.update import apply_update, find_non_finite
+from .arrays import ParamsOut, copies
 from .errors import EngineError
 from .session_config import SessionConfig
 
 Returning = Literal["all", "pushed", "none"]
-#: Where returned params are copied to: given their shapes, writable float32 arrays (the API's
-#: response body, so the one copy made under the session's lock is also the encoding).
-ParamsOut = Callable[[Mapping[str, tuple[int, ...]]], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -139,12 +137,9 @@ def returned(
     if push.returning == "none":
         return {}
     names = params if push.returning == "all" else [n for n in params if n in push.grads]
-    if push.params_out is not None:
-        out = push.params_out({name: params[name].shape for name in names})
-        for name in names:
-            np.copyto(out[name], params[name])
-        return out
-    return {name: params[name].copy() if copy else params[name] for name in names}
+    if copy or push.params_out is not None:
+        return copies(params, names, push.params_out)
+    return {name: params[name] for name in names}
 
 
 def run_pushes(

@@ -28,7 +28,7 @@ from ..store.errors import IdempotencyConflict, SessionGone, VersionConflict
 from ..store.keys import TTL_FIELD
 from ..store.redis_store import KEEP, RedisStore, Snapshot
 from ..store.tenants import DEFAULT_TENANT, TENANT_FIELD, TenantIndex
-from .arrays import array_from_bytes, state_from_fields, state_to_fields, to_bytes
+from .arrays import ParamsOut, array_from_bytes, state_from_fields, state_to_fields, to_bytes
 from .batcher import Batcher
 from .errors import EngineError, invalid_session, not_found
 from .events import VersionEvents
@@ -313,7 +313,10 @@ class SessionService:
 
     # -- params ----------------------------------------------------------------------------------
 
-    async def get_params(self, sid: str, names: list[str] | None = None) -> ParamsResult:
+    async def get_params(
+        self, sid: str, names: list[str] | None = None, out: ParamsOut | None = None
+    ) -> ParamsResult:
+        """The current params (all, or `names`); copied into what `out` allocates, if given."""
         if names is not None:
             config = self.config_of(await self._meta(sid))
             for name in names:
@@ -321,9 +324,13 @@ class SessionService:
                     raise EngineError("unknown_tensor", f"the session has no tensor {name!r}")
         snap = await self._read(sid, params=names)
         config = self.config_of(snap)
+        chosen = list(names if names is not None else config.tensors)
+        into = out({name: tuple(config.tensors[name]) for name in chosen}) if out else {}
         params = {
-            name: array_from_bytes(snap.arrays[(name, "param")], config.tensors[name])
-            for name in (names if names is not None else config.tensors)
+            name: array_from_bytes(
+                snap.arrays[(name, "param")], tuple(config.tensors[name]), into.get(name)
+            )
+            for name in chosen
         }
         return ParamsResult(snap.version, params)
 

@@ -40,6 +40,7 @@ from ...store.errors import IdempotencyConflict, SessionGone, StoreUnavailable
 from ...store.hot_log import FencedOff, Holder, HotLog, LogConfig, LogPush, StoreBehind
 from ...store.keys import SNAPSHOT_FIELD, TTL_FIELD
 from ...store.redis_store import KEEP, RedisStore
+from ..arrays import ParamsOut, copies
 from ..errors import EngineError, not_found
 from ..pushes import PushRequest, PushResult, run_pushes
 from ..session_config import SessionConfig
@@ -474,12 +475,15 @@ class HotSessionService(SessionService):
                 return
         raise owner_unavailable(sid)
 
-    async def get_params(self, sid: str, names: list[str] | None = None) -> ParamsResult:
+    async def get_params(
+        self, sid: str, names: list[str] | None = None, out: ParamsOut | None = None
+    ) -> ParamsResult:
         async with self._locked(sid) as hs:
             for name in names or ():
                 if name not in hs.config.tensors:
                     raise EngineError("unknown_tensor", f"the session has no tensor {name!r}")
-            params = await to_thread.run_sync(hs.copy_params, names)
+            chosen = names if names is not None else list(hs.params)
+            params = await to_thread.run_sync(copies, hs.params, chosen, out)
             return ParamsResult(hs.version, params)
 
     async def get(self, sid: str) -> dict[str, Any]:

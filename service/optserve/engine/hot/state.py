@@ -61,9 +61,6 @@ class HotSession:
     #: the session's idle TTL (None: it never expires); every use renews all its keys
     ttl_ms: int | None = None
 
-    def copy_params(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        return {n: self.params[n].copy() for n in (names if names is not None else self.params)}
-
     def snapshot_arrays(self) -> dict[str, dict[str, Any]]:
         """Copies of every param and state array as the store writes them (under the lock)."""
         return {
