@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -90,7 +89,7 @@ def cpu_cell(cpu: dict[str, float] | None) -> str:
 def disk_write_rate(directory: Path, total: int = 1 << 30, block: int = 4 << 20) -> float:
     """Bytes per second written and fsynced to `directory` (the store's disk): what an AOF of
     4 MB gradients can sustain."""
-    data = np.random.default_rng(0).bytes(block)
+    data = os.urandom(block)
     path = directory / "disk-rate.bin"
     started = time.perf_counter()
     with open(path, "wb") as file:

@@ -324,13 +324,14 @@ class SessionService:
                     raise EngineError("unknown_tensor", f"the session has no tensor {name!r}")
         snap = await self._read(sid, params=names)
         config = self.config_of(snap)
-        chosen = list(names if names is not None else config.tensors)
-        into = out({name: tuple(config.tensors[name]) for name in chosen}) if out else {}
+        shapes = {
+            name: tuple(config.tensors[name])
+            for name in (names if names is not None else config.tensors)
+        }
+        into = out(shapes) if out else {}
         params = {
-            name: array_from_bytes(
-                snap.arrays[(name, "param")], tuple(config.tensors[name]), into.get(name)
-            )
-            for name in chosen
+            name: array_from_bytes(snap.arrays[(name, "param")], shape, into.get(name))
+            for name, shape in shapes.items()
         }
         return ParamsResult(snap.version, params)
 

@@ -63,6 +63,17 @@ def is_outage(error: BaseException) -> bool:
     return type(error) is RedisClusterException  # "Redis Cluster cannot be connected ..."
 
 
+async def _cluster_enabled(url: str, **options) -> bool:
+    """One `INFO cluster` on the URL's server: is it in cluster mode? Raises what the client
+    raised when it cannot tell."""
+    probe = aioredis.Redis.from_url(url, **options)
+    try:
+        info = await probe.info("cluster")
+    finally:
+        await probe.aclose()
+    return bool(int(info.get("cluster_enabled", 0)))
+
+
 async def detect_cluster(url: str, *, timeout_s: float = DETECT_TIMEOUT_S, **options) -> bool:
     """Ask the URL's server whether it runs in cluster mode (`INFO cluster`).
 
@@ -74,10 +85,8 @@ async def detect_cluster(url: str, *, timeout_s: float = DETECT_TIMEOUT_S, **opt
     deadline = loop.time() + timeout_s
     delay = 0.1
     while True:
-        probe = aioredis.Redis.from_url(url, **options)
         try:
-            info = await probe.info("cluster")
-            return bool(int(info.get("cluster_enabled", 0)))
+            return await _cluster_enabled(url, **options)
         except (RedisError, OSError) as error:
             unreachable = isinstance(error, RedisConnectionError | RedisTimeoutError | OSError)
             if not unreachable or loop.time() + delay > deadline:
@@ -86,8 +95,6 @@ async def detect_cluster(url: str, *, timeout_s: float = DETECT_TIMEOUT_S, **opt
                     "OPTSERVE_REDIS_CLUSTER=1 or 0 to say so, or make the store reachable"
                 ) from error
             log.warning("store not reachable yet (%s); asking again in %.1fs", error, delay)
-        finally:
-            await probe.aclose()
         await asyncio.sleep(delay)
         delay = min(delay * 2, 2.0)
 
@@ -98,14 +105,12 @@ async def check_cluster_setting(
     """Refuse a forced OPTSERVE_REDIS_CLUSTER that the store contradicts, with advice, instead
     of failing every request later. A store that cannot answer now (down, loading, an ACL
     without INFO) is taken at its word: the setting exists for exactly that case."""
-    probe = aioredis.Redis.from_url(url, **{**options, "socket_timeout": timeout_s})
     try:
-        info = await asyncio.wait_for(probe.info("cluster"), timeout_s)
+        enabled = await asyncio.wait_for(
+            _cluster_enabled(url, **{**options, "socket_timeout": timeout_s}), timeout_s
+        )
     except (RedisError, OSError, TimeoutError):
         return
-    finally:
-        await probe.aclose()
-    enabled = bool(int(info.get("cluster_enabled", 0)))
     if enabled != cluster:
         raise StartupRefused(
             f"OPTSERVE_REDIS_CLUSTER={int(cluster)}, but {_safe(url)} says cluster_enabled:"

@@ -15,10 +15,10 @@ numpy's float16 -> float32 cast, BF16 by moving its 16 bits to the top of a 32-b
 allows this for gradients and for a new session's initial params only; see api/sessions.py.
 
 Encoding F32 uses the `safetensors` package, or a `SafetensorsOut` whose tensors the caller
-writes in place (the params a push returns are copied once, straight into the response body).
-BF16 output (params on request, half the bytes) is
-rounded to nearest-even like torch's float32 -> bfloat16 cast and written with a header of our
-own: the package's numpy API has no bfloat16, and its raw `serialize` API changed in 0.8.
+writes in place (returned params are copied once, straight into the response body). BF16 output
+(params on request, half the bytes) is rounded to nearest-even like torch's float32 -> bfloat16
+cast and written with a header of our own: the package's numpy API has no bfloat16, and its raw
+`serialize` API changed in 0.8.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ METADATA_ROOM: Final = 1024
 #: safetensors dtype -> its little-endian storage type. BF16 is read as raw 16-bit words.
 _STORAGE: Final = {F32: np.dtype("<f4"), F16: np.dtype("<f2"), BF16: np.dtype("<u2")}
 FLOAT32_ONLY: Final = frozenset({F32})
-_NATIVE_LITTLE: Final = np.dtype(np.float32).byteorder == "=" and np.little_endian
 HALF_OR_FLOAT32: Final = frozenset({F32, F16, BF16})
 
 
@@ -126,7 +125,7 @@ def _to_float32(
     upcasts are exact.
     """
     view = np.frombuffer(body, dtype=_STORAGE[dtype], count=count, offset=offset).reshape(shape)
-    if dtype == F32 and view.flags.writeable and view.flags.aligned and _NATIVE_LITTLE:
+    if dtype == F32 and view.flags.writeable and view.flags.aligned and np.little_endian:
         return view
     if dtype != BF16:
         return view.astype(np.float32)  # F32: a copy; F16: IEEE half -> single, exact
@@ -258,6 +257,7 @@ class SafetensorsOut:
     def __init__(self, metadata_room: int = METADATA_ROOM) -> None:
         self.metadata_room = metadata_room
         self.body: memoryview | None = None
+        self.room = 0  # header bytes ahead of the data
         self.arrays: dict[str, np.ndarray] = {}
         self.entries: dict[str, dict[str, Any]] = {}
 
@@ -277,7 +277,7 @@ class SafetensorsOut:
         # not zero-filled: the caller writes every array, finish() the header
         self.body = body = memoryview(np.empty(start + offset, np.uint8))
         body[:_LENGTH_BYTES] = struct.pack("<Q", room)
-        self.entries = entries
+        self.room, self.entries = room, entries
         self.arrays = {
             name: np.frombuffer(
                 body, np.float32, math.prod(shapes[name]), start + entry["data_offsets"][0]
@@ -298,8 +298,7 @@ class SafetensorsOut:
         metadata = _metadata(fields)
         header = {METADATA_KEY: metadata, **self.entries} if metadata else self.entries
         text = orjson.dumps(header)
-        room = int.from_bytes(self.body[:_LENGTH_BYTES], "little")
-        if len(text) > room:
+        if len(text) > self.room:
             return None
-        self.body[_LENGTH_BYTES : _LENGTH_BYTES + room] = text.ljust(room)
+        self.body[_LENGTH_BYTES : _LENGTH_BYTES + self.room] = text.ljust(self.room)
         return self.body
