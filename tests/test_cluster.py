@@ -1,5 +1,6 @@
 """optserve on a Redis Cluster: three Valkey masters started from the shipped binary (slots
-assigned here, tests/valkey_cluster.py), two `optserve serve` processes given one node's URL.
+assigned here, tests/valkey_cluster.py), two `optserve serve` processes given one node's URL;
+every test that runs them runs on both engines.
 
 Every key of a session shares its hash tag, so a session lives on exactly one node and its
 scripts, transactions and pipelines run there; sessions spread over all nodes. The same exact
@@ -25,7 +26,7 @@ from optserve.store.errors import StoreUnavailable
 from optserve.store.redis_store import RedisStore
 
 from .api_helpers import assert_problem, create, from_json, push, state, tensor
-from .conftest import ServerProcess, free_port
+from .conftest import ENGINES, HOT_ENV, ServerProcess, free_port
 from .test_concurrency import P0, SHAPES, acknowledged_in_order, grads_of, run_workers
 from .valkey_cluster import ValkeyCluster
 
@@ -41,11 +42,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyCluster]
         nodes.stop()
 
 
-@pytest.fixture(scope="module")
-def servers(cluster, tmp_path_factory) -> Iterator[list[ServerProcess]]:
-    """Two optserve processes told only the URL of node 0: they detect the cluster."""
+@pytest.fixture(scope="module", params=ENGINES)
+def servers(cluster, tmp_path_factory, request) -> Iterator[list[ServerProcess]]:
+    """Two optserve processes told only the URL of node 0: they detect the cluster. Every test
+    that uses them runs on both engines (with the hot engine, each session is owned by one of
+    the two, which the other forwards to)."""
     logs = tmp_path_factory.mktemp("cluster-api")
     env = {"OPTSERVE_REDIS_URL": cluster.url, "OPTSERVE_REDIS_CLUSTER": None}
+    if request.param == "hot":
+        env |= HOT_ENV
     started = [ServerProcess(env, logs / f"optserve-{index}.log") for index in range(2)]
     try:
         with ThreadPoolExecutor(2) as pool:  # both start at once
@@ -401,11 +406,16 @@ def test_long_poll_wakes_on_a_push_to_any_node(cluster, urls):
 # -- durability: WAITAOF goes to the node that owns the session ------------------------------
 
 
-def test_fsync_always_waits_on_the_node_of_each_session(cluster, server_factory):
-    """WAITAOF waits for the writes of its own connection, so it must go with the commit to the
-    session's node; counted there by the nodes' own command statistics."""
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fsync_always_waits_on_the_node_of_each_session(cluster, server_factory, engine):
+    """WAITAOF waits for the writes of its own connection, so it must go with the commit (the
+    hot engine: the log append) to the session's node; counted there by the nodes' own command
+    statistics."""
     server = server_factory(  # told it is a cluster (no question asked), given another node
-        OPTSERVE_REDIS_URL=cluster.urls[1], OPTSERVE_REDIS_CLUSTER="1", OPTSERVE_FSYNC="always"
+        OPTSERVE_REDIS_URL=cluster.urls[1],
+        OPTSERVE_REDIS_CLUSTER="1",
+        OPTSERVE_FSYNC="always",
+        **(HOT_ENV if engine == "hot" else {}),
     )
     clients = [cluster.client(index) for index in range(cluster.count)]
     try:
@@ -432,6 +442,42 @@ def test_fsync_always_waits_on_the_node_of_each_session(cluster, server_factory)
 def _waitaof_calls(node: redis.Redis) -> int:
     stats = node.info("commandstats").get("cmdstat_waitaof")
     return int(stats["calls"]) if stats else 0
+
+
+# -- the hot engine: a killed owner's sessions taken over from their nodes ------------------------
+
+
+def test_a_killed_hot_owner_is_taken_over_from_every_node(cluster, server_factory):
+    """Sessions on every node, 5 pushes each through one hot replica (a snapshot every 3 log
+    entries), which is then SIGKILLed: the other replica, asked next, waits out the dead
+    owner's lease and loads each session from its node (snapshot plus the 2 entries after it);
+    the sixth push continues exactly."""
+    env = {
+        "OPTSERVE_REDIS_URL": cluster.url,
+        "OPTSERVE_REDIS_CLUSTER": "1",
+        **HOT_ENV,
+        "OPTSERVE_HOT_SNAPSHOT_STEPS": "3",
+        "OPTSERVE_HOT_SNAPSHOT_S": "60",
+    }
+    first, second = server_factory(**env), server_factory(**env)
+    grads = {"b": np.ones(8, np.float32)}
+    with httpx.Client(base_url=first.url, timeout=60) as a:
+        chosen = sessions_on_every_node(cluster, a)
+        for sid, _ in chosen:
+            for _ in range(5):
+                push(a, sid, grads)
+    for sid, node in chosen:  # the snapshot at 3 is written off the hot path: wait for it
+        with cluster.client(node) as direct:
+            deadline = time.monotonic() + 10
+            while direct.xlen(f"optserve:{{{sid}}}:log") != 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert direct.xlen(f"optserve:{{{sid}}}:log") == 2
+    first.kill()
+    with httpx.Client(base_url=second.url, timeout=60) as b:
+        for sid, node in chosen:
+            result = push(b, sid, grads)
+            assert result["version"] == 6, f"node {node}"
+            np.testing.assert_array_equal(from_json(result["params"]["b"]), P0["b"] - 3.0)
 
 
 # -- a node down: its sessions answer 503, nothing changes, and it all comes back ------------
