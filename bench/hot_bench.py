@@ -12,7 +12,7 @@ In one run on one machine (Adam, one float32 tensor per size, safetensors both w
   worker loop: each decodes the params it gets) on each engine, then on the rpc parameter server
   of bench/rpc_peer.py with the machine to itself. Each engine runs with the store's AOF on
   (everysec, as `optserve serve` runs it) and off (the log in Valkey's memory: it survives the
-  owner process, not Valkey), and with workers on httpx (optserve's AsyncClient) and on the
+  owner process, not Valkey), and with workers on httpx's own transport and on the
   standard library's http.client (optserve's sync Client for http:// URLs): on 2 cores the
   workers' HTTP costs come out of the server's share. The store disk's fsynced write rate is
   measured too: it bounds an AOF of 4 MB pushes.
@@ -349,7 +349,8 @@ def report(args: argparse.Namespace, results: list[pb.SizeResult]) -> list[str]:
     if any(r.throughput for r in results):
         lines += [
             "",
-            "Throughput (updates/s; `httpx`: workers on httpx, as optserve's AsyncClient; "
+            "Throughput (updates/s; `httpx`: workers on httpx's own transport, as any httpx "
+            "user and optserve's clients over https; "
             "`stdlib`: on http.client, as its sync Client for http:// URLs; AOF: the store's, "
             "everysec as `optserve serve` runs it, or off: the log then lives in Valkey's "
             "memory, which a takeover still replays):",

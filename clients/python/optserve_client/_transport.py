@@ -19,6 +19,7 @@ import http.client
 import select
 import socket
 import threading
+import urllib.request
 
 import httpx
 
@@ -56,7 +57,10 @@ class StdlibTransport(httpx.BaseTransport):
             content = response.read()
         except BaseException as exc:
             conn.close()
-            raise _mapped(exc, phase) from exc
+            error = mapped_error(exc, phase)
+            if error is exc:
+                raise
+            raise error from exc
         if response.will_close:
             conn.close()
         else:
@@ -82,7 +86,7 @@ class StdlibTransport(httpx.BaseTransport):
             pooled = self._idle.get(origin, [])
             while pooled:
                 conn = pooled.pop()
-                if _usable(conn):
+                if conn.sock is not None and not readable(conn.sock):
                     return conn
                 conn.close()
         conn = http.client.HTTPConnection(origin[0], origin[1], timeout=timeout)
@@ -90,7 +94,10 @@ class StdlibTransport(httpx.BaseTransport):
             conn.connect()
         except BaseException as exc:
             conn.close()
-            raise _mapped(exc, "connect") from exc
+            error = mapped_error(exc, "connect")
+            if error is exc:
+                raise
+            raise error from exc
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
@@ -103,19 +110,23 @@ class StdlibTransport(httpx.BaseTransport):
         conn.close()
 
 
-def _usable(conn: http.client.HTTPConnection) -> bool:
+def plain_http(transport: object) -> bool:
+    """Whether a client's http:// requests go through our transports: not when it was given a
+    transport of its own, nor when a proxy is set for http (httpx's transport goes through it)."""
+    return transport is None and not {"http", "all"} & set(urllib.request.getproxies())
+
+
+def readable(sock: socket.socket) -> bool:
     """An idle connection is fit to reuse only if nothing is waiting to be read on it: EOF (the
-    server closed it) and stray bytes both make it readable."""
-    if conn.sock is None:
-        return False
+    server closed it) and stray bytes both make it readable (and a broken socket counts too)."""
     try:
-        readable, _, _ = select.select([conn.sock], [], [], 0)
+        ready, _, _ = select.select([sock], [], [], 0)
     except (OSError, ValueError):
-        return False
-    return not readable
+        return True
+    return bool(ready)
 
 
-def _mapped(exc: BaseException, phase: str) -> BaseException:
+def mapped_error(exc: BaseException, phase: str) -> BaseException:
     """The httpx exception a caller of httpx expects for what the socket said while it
     connected, wrote the request or read the response."""
     if not isinstance(exc, Exception):

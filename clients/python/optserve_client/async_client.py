@@ -16,6 +16,7 @@ import anyio
 import httpx
 import numpy as np
 
+from ._async_transport import AsyncPlainTransport
 from ._base import (
     LIST_PAGE,
     UNSET,
@@ -27,6 +28,7 @@ from ._base import (
     Shape,
     _Unset,
 )
+from ._transport import plain_http
 
 __all__ = ["AsyncClient", "AsyncSession"]
 
@@ -51,7 +53,10 @@ class AsyncClient(BaseClient):
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         super().__init__(url, api_key, timeout=timeout, codec=codec, retries=retries)
-        self._http = httpx.AsyncClient(transport=transport, timeout=timeout)
+        # plain http:// on asyncio's socket calls (less than half the CPU per large tensor, see
+        # _async_transport.py); https://, a proxy and a transport given here: httpx's own
+        mounts = {"http://": AsyncPlainTransport()} if plain_http(transport) else None
+        self._http = httpx.AsyncClient(transport=transport, mounts=mounts, timeout=timeout)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
@@ -22,7 +21,7 @@ from ._base import (
     Shape,
     _Unset,
 )
-from ._transport import StdlibTransport
+from ._transport import StdlibTransport, plain_http
 
 __all__ = ["Client", "Session"]
 
@@ -58,8 +57,7 @@ class Client(BaseClient):
         # plain http:// on the standard library's HTTP (a third of the CPU per large tensor,
         # see _transport.py); https:// and a transport given here go through httpx's own
         # (unless a proxy is configured for http: httpx's transport goes through it)
-        plain = transport is None and not {"http", "all"} & set(urllib.request.getproxies())
-        mounts = {"http://": StdlibTransport()} if plain else None
+        mounts = {"http://": StdlibTransport()} if plain_http(transport) else None
         self._http = httpx.Client(transport=transport, mounts=mounts, timeout=timeout)
 
     def __enter__(self) -> Client:
