@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: venv test lint tools run demo bench bench-optim bench-concurrency bench-push bench-hot openapi clean
+.PHONY: venv test lint tools run demo bench bench-optim bench-concurrency bench-push bench-hot bench-client openapi clean
 
 venv: $(STAMP)
 
@@ -47,7 +47,7 @@ openapi: $(STAMP)
 	$(BIN)/optserve openapi --output clients/openapi.json
 
 # Benchmarks are not tests: they write BENCHMARKS.md. Run them on an otherwise idle machine.
-bench: bench-optim bench-concurrency bench-push bench-hot
+bench: bench-optim bench-concurrency bench-push bench-hot bench-client
 
 bench-optim: $(STAMP)
 	$(BIN)/python bench/optim_bench.py --write BENCHMARKS.md
@@ -60,6 +60,9 @@ bench-push: $(STAMP)
 
 bench-hot: $(STAMP)
 	$(BIN)/python bench/hot_bench.py --write BENCHMARKS.md
+
+bench-client: $(STAMP)
+	$(BIN)/python bench/client_bench.py --write BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

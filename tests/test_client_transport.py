@@ -1,5 +1,5 @@
-"""The Python client's plain-HTTP transports, under httpx for a third to a half of the CPU per
-large tensor: the sync client's on the standard library's http.client
+"""The Python client's plain-HTTP transports, under httpx for about half of the CPU per large
+tensor: the sync client's on the standard library's http.client
 (optserve_client/_transport.py), the async client's on asyncio's socket calls
 (optserve_client/_async_transport.py). Everything else the clients do is tested through them
 too (they are the default for http:// URLs); these are the parts of their own: pooled
@@ -146,6 +146,8 @@ async def test_async_plain_http_goes_through_it_and_https_or_a_proxy_does_not(mo
 
 @pytest.mark.anyio
 async def test_async_large_tensors_come_back_bit_identical_to_httpx_transport(api_url: str):
+    """Every push's params are kept while later responses arrive: the transport receives into
+    a buffer it reuses, so each response must be a copy of its own."""
     rng = np.random.default_rng(8)
     w0 = rng.standard_normal(1_000_003).astype(np.float32)
     grads = [rng.standard_normal(w0.size).astype(np.float32) for _ in range(3)]
@@ -154,14 +156,15 @@ async def test_async_large_tensors_come_back_bit_identical_to_httpx_transport(ap
         async with AsyncClient(api_url, transport=transport) as client:
             session = await client.create_session("adam", {"w": w0}, lr=1e-3)
             try:
-                for grad in grads:
-                    params = await session.push({"w": grad})
-                answers.append(params["w"])
+                kept = [(await session.push({"w": grad}))["w"] for grad in grads]
                 pulled = (await session.pull())["w"]
-                assert np.array_equal(pulled.view(np.uint32), params["w"].view(np.uint32))
+                assert np.array_equal(pulled.view(np.uint32), kept[-1].view(np.uint32))
             finally:
                 await session.delete()
-    assert np.array_equal(answers[0].view(np.uint32), answers[1].view(np.uint32))
+        answers.append(kept)
+    for ours, theirs in zip(*answers, strict=True):
+        assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
+    assert not np.array_equal(answers[0][0], answers[0][1])
 
 
 @pytest.mark.anyio
