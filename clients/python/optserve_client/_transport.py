@@ -4,7 +4,7 @@ Why not httpx's own: its HTTP/1.1 (h11) is pure Python and hands a response over
 pieces, each parsed, copied and joined again, on the worker that should be training.
 http.client reads a body of known length in one buffered call and sends the request body
 straight to the socket: 2.8 ms of CPU for a 1e6-parameter push and its params (4 MB each way)
-against httpx's 4.8 (bench/client_bench.py). httpx stays the client (timeouts, headers, errors);
+against httpx's 4.9 (bench/client_bench.py). httpx stays the client (timeouts, headers, errors);
 only the sync transport for `http://` URLs is this one (_async_transport.py is the async
 client's). `https://` keeps httpx's, where TLS costs more than the parsing and verification
 settings live there.
