@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from ._transport import MAX_IDLE, mapped_error, readable
+from ._transport import MAX_IDLE, raise_mapped, readable
 
 #: A response head larger than this is refused (a server gone wrong, not optserve).
 MAX_HEAD_BYTES = 64 * 1024
@@ -72,10 +72,7 @@ class AsyncPlainTransport(httpx.AsyncBaseTransport):
                 received = await _receive(reader, request.method)
         except BaseException as exc:
             sock.close()
-            error = mapped_error(exc, phase)
-            if error is exc:
-                raise
-            raise error from exc
+            raise_mapped(exc, phase)
         finally:
             if len(reader.buffer) <= KEEP_BUFFER_BYTES and len(self._buffers) < MAX_IDLE:
                 self._buffers.append(reader.buffer)
@@ -111,10 +108,7 @@ class AsyncPlainTransport(httpx.AsyncBaseTransport):
             async with asyncio.timeout(timeout):
                 return await _connect(loop, *origin)
         except BaseException as exc:
-            error = mapped_error(exc, "connect")
-            if error is exc:
-                raise
-            raise error from exc
+            raise_mapped(exc, "connect")
 
     def _checkin(self, origin: tuple[str, int], sock: socket.socket) -> None:
         pooled = self._idle.setdefault(origin, [])

@@ -21,6 +21,7 @@ import select
 import socket
 import threading
 import urllib.request
+from typing import NoReturn
 
 import httpx
 
@@ -58,10 +59,7 @@ class StdlibTransport(httpx.BaseTransport):
             content = response.read()
         except BaseException as exc:
             conn.close()
-            error = mapped_error(exc, phase)
-            if error is exc:
-                raise
-            raise error from exc
+            raise_mapped(exc, phase)
         if response.will_close:
             conn.close()
         else:
@@ -95,10 +93,7 @@ class StdlibTransport(httpx.BaseTransport):
             conn.connect()
         except BaseException as exc:
             conn.close()
-            error = mapped_error(exc, "connect")
-            if error is exc:
-                raise
-            raise error from exc
+            raise_mapped(exc, "connect")
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
@@ -127,7 +122,15 @@ def readable(sock: socket.socket) -> bool:
     return bool(ready)
 
 
-def mapped_error(exc: BaseException, phase: str) -> BaseException:
+def raise_mapped(exc: BaseException, phase: str) -> NoReturn:
+    """Raise the httpx error `exc` maps to (chained to it), or `exc` itself if none."""
+    error = _mapped_error(exc, phase)
+    if error is exc:
+        raise exc
+    raise error from exc
+
+
+def _mapped_error(exc: BaseException, phase: str) -> BaseException:
     """The httpx exception a caller of httpx expects for what the socket said while it
     connected, wrote the request or read the response."""
     if not isinstance(exc, Exception):
