@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -217,18 +218,22 @@ SCRIPTS: dict[bytes, tuple[bytes, bool]] = {
     b"/eof": (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", True),
     b"/short": (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", True),
     b"/stall": (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", False),
+    b"/slow": (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", False),  # after 0.3 s
 }
 
 
 class ScriptedServer:
     """A raw HTTP/1.1 server on a thread: answers each request by SCRIPTS (`/echo` and
-    `/request` send back the body, or the request head and body, as read), counts connections."""
+    `/request` send back the body, or the request head and body, as read), counts connections
+    and the most requests it had in hand at once."""
 
     def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=64)
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.connections = 0
         self.open: list[socket.socket] = []
+        self.busy = self.busiest = 0
+        self._count = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -265,7 +270,14 @@ class ScriptedServer:
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(sent))
                     conn.sendall(sent)
                     continue
+                with self._count:
+                    self.busy += 1
+                    self.busiest = max(self.busiest, self.busy)
+                if path == b"/slow":
+                    time.sleep(0.3)
                 response, closes = SCRIPTS[path]
+                with self._count:
+                    self.busy -= 1
                 conn.sendall(response)
                 if closes:
                     return
@@ -338,6 +350,42 @@ async def test_async_a_cancelled_request_leaves_no_connection_behind(scripted: S
         assert not any(transport._idle.values())
         assert (await client.get("/chunked")).content == b"hello world"
         assert scripted.connections == 2
+
+
+@pytest.mark.anyio
+async def test_async_requests_past_the_connection_limit_wait_their_turn(scripted):
+    transport = AsyncPlainTransport(max_connections=2)
+    async with httpx.AsyncClient(transport=transport, base_url=scripted.url) as client:
+        responses = await asyncio.gather(*(client.get("/slow") for _ in range(6)))
+        assert [r.content for r in responses] == [b"ok"] * 6
+        assert scripted.busiest == 2 and scripted.connections == 2
+    transport = AsyncPlainTransport(max_connections=1)
+    async with httpx.AsyncClient(transport=transport, base_url=scripted.url) as client:
+        slow = asyncio.ensure_future(client.get("/slow"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(httpx.PoolTimeout):
+            await client.get("/chunked", timeout=httpx.Timeout(5, pool=0.1))
+        assert (await slow).content == b"ok"
+        assert (await client.get("/chunked")).content == b"hello world"
+
+
+def test_sync_requests_past_the_connection_limit_wait_their_turn(scripted):
+    transport = StdlibTransport(max_connections=2)
+    with httpx.Client(transport=transport, base_url=scripted.url) as client:
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(lambda _: client.get("/slow"), range(6)))
+        assert [r.content for r in responses] == [b"ok"] * 6
+        assert scripted.busiest == 2
+    transport = StdlibTransport(max_connections=1)
+    with (
+        httpx.Client(transport=transport, base_url=scripted.url) as client,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        slow = pool.submit(client.get, "/slow")
+        time.sleep(0.05)
+        with pytest.raises(httpx.PoolTimeout):
+            client.get("/chunked", timeout=httpx.Timeout(5, pool=0.1))
+        assert slow.result().content == b"ok"
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from ._transport import MAX_IDLE, raise_mapped, readable
+from ._transport import MAX_CONNECTIONS, MAX_IDLE, pool_timeout, raise_mapped, readable
 
 #: A response head larger than this is refused (a server gone wrong, not optserve).
 MAX_HEAD_BYTES = 64 * 1024
@@ -44,10 +44,14 @@ class _Received:
 class AsyncPlainTransport(httpx.AsyncBaseTransport):
     """httpx async transport for plain HTTP/1.1 with keep-alive, on asyncio's socket calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_connections: int = MAX_CONNECTIONS) -> None:
         self._idle: dict[tuple[str, int], list[socket.socket]] = {}
         self._buffers: list[bytearray] = []  # receive buffers for the next responses
         self._other_loops: httpx.AsyncHTTPTransport | None = None
+        self._max_connections = max_connections
+        # a semaphore belongs to the event loop it first waited on: one per loop (the last)
+        self._slots_loop: asyncio.AbstractEventLoop | None = None
+        self._slots = asyncio.Semaphore(max_connections)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if request.url.scheme != "http":
@@ -59,6 +63,25 @@ class AsyncPlainTransport(httpx.AsyncBaseTransport):
                 self._other_loops = httpx.AsyncHTTPTransport()
             return await self._other_loops.handle_async_request(request)
         timeout = request.extensions.get("timeout", {})
+        if self._slots_loop is not loop:
+            self._slots_loop, self._slots = loop, asyncio.Semaphore(self._max_connections)
+        slots = self._slots
+        try:
+            async with asyncio.timeout(timeout.get("pool")):
+                await slots.acquire()
+        except TimeoutError:
+            raise pool_timeout(self._max_connections, timeout.get("pool")) from None
+        try:
+            return await self._send(loop, request, timeout)
+        finally:
+            slots.release()
+
+    async def _send(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        request: httpx.Request,
+        timeout: dict[str, float | None],
+    ) -> httpx.Response:
         origin = (request.url.host, request.url.port or 80)
         body = await request.aread()
         sock = await self._checkout(loop, origin, timeout.get("connect"))

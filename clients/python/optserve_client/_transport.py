@@ -27,19 +27,36 @@ import httpx
 
 #: Idle connections kept per host and port.
 MAX_IDLE = 8
+#: Requests in flight at once, each on a connection of its own (httpx's own default limit):
+#: more wait for one to finish, for at most the pool timeout (then httpx.PoolTimeout).
+MAX_CONNECTIONS = 100
+
+
+def pool_timeout(limit: int, timeout: float | None) -> httpx.PoolTimeout:
+    return httpx.PoolTimeout(f"all {limit} connections stayed busy for {timeout} s")
 
 
 class StdlibTransport(httpx.BaseTransport):
     """httpx transport for plain HTTP/1.1 with keep-alive, on http.client."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_connections: int = MAX_CONNECTIONS) -> None:
         self._idle: dict[tuple[str, int], list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
+        self._max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if request.url.scheme != "http":
             raise httpx.UnsupportedProtocol(f"{request.url.scheme!r} needs httpx's transport")
         timeout = request.extensions.get("timeout", {})
+        if not self._slots.acquire(timeout=timeout.get("pool")):
+            raise pool_timeout(self._max_connections, timeout.get("pool"))
+        try:
+            return self._send(request, timeout)
+        finally:
+            self._slots.release()
+
+    def _send(self, request: httpx.Request, timeout: dict[str, float | None]) -> httpx.Response:
         origin = (request.url.host, request.url.port or 80)
         body = request.read()
         conn = self._checkout(origin, timeout.get("connect"))
