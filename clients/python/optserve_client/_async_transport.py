@@ -72,11 +72,11 @@ class AsyncPlainTransport(httpx.AsyncBaseTransport):
         except TimeoutError:
             raise pool_timeout(self._max_connections, timeout.get("pool")) from None
         try:
-            return await self._send(loop, request, timeout)
+            return await self._round_trip(loop, request, timeout)
         finally:
             slots.release()
 
-    async def _send(
+    async def _round_trip(
         self,
         loop: asyncio.AbstractEventLoop,
         request: httpx.Request,

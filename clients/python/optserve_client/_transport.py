@@ -52,11 +52,13 @@ class StdlibTransport(httpx.BaseTransport):
         if not self._slots.acquire(timeout=timeout.get("pool")):
             raise pool_timeout(self._max_connections, timeout.get("pool"))
         try:
-            return self._send(request, timeout)
+            return self._round_trip(request, timeout)
         finally:
             self._slots.release()
 
-    def _send(self, request: httpx.Request, timeout: dict[str, float | None]) -> httpx.Response:
+    def _round_trip(
+        self, request: httpx.Request, timeout: dict[str, float | None]
+    ) -> httpx.Response:
         origin = (request.url.host, request.url.port or 80)
         body = request.read()
         conn = self._checkout(origin, timeout.get("connect"))
