@@ -55,10 +55,10 @@ SETTINGS = (False, True)  # group commit off (the floor's setting) and on
 
 
 #: How worker processes speak HTTP. httpx's pure-Python HTTP/1.1 (h11; any httpx user, and
-#: optserve's clients over https or given a transport) costs a worker about 6 ms of CPU per 1e6
-#: push and pull where the standard library's http.client (C-buffered reads into one bytes
-#: object; optserve's sync Client for http:// URLs) costs about 2 ms: on a 2-core machine that
-#: CPU is taken from the server, so the hot-engine bench measures both.
+#: optserve's clients over https or given a transport) costs a worker more CPU per 1e6 push and
+#: its params than the standard library's http.client (C-buffered reads into one bytes object;
+#: optserve's sync Client for http:// URLs): 4.9 against 2.8 ms in bench/client_bench.py. On a
+#: 2-core machine that CPU is taken from the server, so the hot-engine bench measures both.
 HTTP_CLIENTS = ("httpx", "stdlib")
 
 

@@ -155,26 +155,19 @@ def run(args: argparse.Namespace, workdir: Path) -> list[pb.SizeResult]:
         url = valkey.start()
         args.disk_rate = disk_write_rate(workdir / "valkey") if args.peer else None
         servers: dict[str, pb.ChildServer] = {}
-        for engine in ENGINES:
+        commands = {engine: [sys.executable, "-m", "optserve", "serve"] for engine in ENGINES}
+        if args.peer:  # the ablation only matters beside the throughput runs
+            commands[UNLOGGED] = [sys.executable, str(BENCH / "unlogged_server.py")]
+        for name, command in commands.items():
             env = {
                 "OPTSERVE_REDIS_URL": url,
                 "OPTSERVE_LOG_LEVEL": "warning",
                 "OPTSERVE_MAX_BODY_BYTES": str(pb.MAX_BODY_BYTES),
-                "OPTSERVE_ENGINE": engine,
+                "OPTSERVE_ENGINE": "hot" if name == UNLOGGED else name,
             }
-            server = pb.ChildServer(
-                engine, [sys.executable, "-m", "optserve", "serve"], env, workdir / f"{engine}.log"
-            )
+            server = pb.ChildServer(name, command, env, workdir / f"{name}.log")
             cleanup.callback(pb.shielded(server.stop))
-            servers[engine] = server
-        if args.peer:
-            servers[UNLOGGED] = pb.ChildServer(
-                UNLOGGED,
-                [sys.executable, str(BENCH / "unlogged_server.py")],
-                {**env, "OPTSERVE_ENGINE": "hot"},
-                workdir / f"{UNLOGGED}.log",
-            )
-            cleanup.callback(pb.shielded(servers[UNLOGGED].stop))
+            servers[name] = server
         echo = pb.ChildServer(
             "echo", [sys.executable, str(BENCH / "echo_app.py")], {}, workdir / "echo.log"
         )

@@ -338,6 +338,16 @@ async def test_async_a_streamed_body_goes_out_whole_with_its_length(scripted: Sc
     assert not any(line.startswith(b"transfer-encoding") for line in lines)
 
 
+def test_sync_a_streamed_body_goes_out_whole_with_its_length(scripted: ScriptedServer):
+    with httpx.Client(transport=StdlibTransport(), base_url=scripted.url) as client:
+        seen = client.post("/request", content=iter([b"abc", b"defg"])).content
+    head, _, body = seen.partition(b"\r\n\r\n")
+    lines = [line.lower() for line in head.split(b"\r\n")]
+    assert lines[0] == b"post /request http/1.1" and body == b"abcdefg"
+    assert b"content-length: 7" in lines
+    assert not any(line.startswith(b"transfer-encoding") for line in lines)
+
+
 @pytest.mark.anyio
 async def test_async_a_cancelled_request_leaves_no_connection_behind(scripted: ScriptedServer):
     transport = AsyncPlainTransport()

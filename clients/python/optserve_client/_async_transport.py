@@ -20,7 +20,14 @@ from dataclasses import dataclass
 
 import httpx
 
-from ._transport import MAX_CONNECTIONS, MAX_IDLE, pool_timeout, raise_mapped, readable
+from ._transport import (
+    MAX_CONNECTIONS,
+    MAX_IDLE,
+    pool_timeout,
+    raise_mapped,
+    readable,
+    request_headers,
+)
 
 #: A response head larger than this is refused (a server gone wrong, not optserve).
 MAX_HEAD_BYTES = 64 * 1024
@@ -164,18 +171,9 @@ async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int) -> soc
 
 
 def _head(request: httpx.Request, body: bytes) -> bytes:
-    """The request line and headers. The body is always sent whole with its length (httpx
-    marks a streamed body `Transfer-Encoding: chunked`; it was read into `body` already)."""
+    """The request line and headers."""
     lines = [b"%s %s HTTP/1.1" % (request.method.encode("ascii"), request.url.raw_path)]
-    names = set()
-    for name, value in request.headers.raw:
-        lower = name.lower()
-        if lower == b"transfer-encoding":
-            continue
-        names.add(lower)
-        lines.append(name + b": " + value)
-    if b"content-length" not in names and (body or request.method in ("POST", "PUT", "PATCH")):
-        lines.append(b"Content-Length: %d" % len(body))
+    lines += [name + b": " + value for name, value in request_headers(request, body)]
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
@@ -191,7 +189,7 @@ async def _send(
 
 class _Reader:
     """The bytes of one connection as they come: lines for heads and chunk sizes, then bodies
-    read straight into their own buffer."""
+    received into `buffer` (the transport's, kept for the next response) and copied out once."""
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket, buffer: bytearray

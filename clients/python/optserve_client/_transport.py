@@ -67,10 +67,8 @@ class StdlibTransport(httpx.BaseTransport):
             conn.sock.settimeout(timeout.get("write"))
             target = request.url.raw_path.decode("ascii")
             conn.putrequest(request.method, target, skip_host=True, skip_accept_encoding=True)
-            for name, value in request.headers.raw:
+            for name, value in request_headers(request, body):
                 conn.putheader(name, value)
-            if body and "content-length" not in request.headers:
-                conn.putheader(b"Content-Length", str(len(body)).encode())
             conn.endheaders(body or None)
             phase = "read"
             conn.sock.settimeout(timeout.get("read"))
@@ -123,6 +121,17 @@ class StdlibTransport(httpx.BaseTransport):
                 pooled.append(conn)
                 return
         conn.close()
+
+
+def request_headers(request: httpx.Request, body: bytes) -> list[tuple[bytes, bytes]]:
+    """The headers both transports send. The body always goes whole, with its length: httpx
+    marks a streamed body `Transfer-Encoding: chunked`, and it has been read into `body`."""
+    headers = [(n, v) for n, v in request.headers.raw if n.lower() != b"transfer-encoding"]
+    if "content-length" not in request.headers and (
+        body or request.method in ("POST", "PUT", "PATCH")
+    ):
+        headers.append((b"Content-Length", b"%d" % len(body)))
+    return headers
 
 
 def plain_http(transport: object) -> bool:
